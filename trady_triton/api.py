@@ -1,0 +1,114 @@
+"""The public entry point: convert(model, keep_ratio) -> TraDyController."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from .controller import TraDyController
+from .convert import swap_modules
+from .profile import find_classifier
+from .ranking import DEFAULT_COVERAGE, LayerRanking, load_ranking, shipped_ranking
+from .sampling import get_policy
+
+
+def _check_budget(keep_ratio, budget_units, budget_bytes, policy_pool: str) -> None:
+    given = [v is not None for v in (keep_ratio, budget_units, budget_bytes)]
+    if sum(given) > 1:
+        raise ValueError("give one budget: keep_ratio, budget_units or budget_bytes, not several")
+    if policy_pool in ("none", "full"):
+        return
+    if not any(given):
+        raise ValueError("keep_ratio: a budget is required: keep_ratio in (0, 1], "
+                         "or budget_units / budget_bytes > 0")
+    if keep_ratio is not None and (isinstance(keep_ratio, bool)
+                                   or not isinstance(keep_ratio, (int, float))
+                                   or not 0.0 < keep_ratio <= 1.0):
+        raise ValueError(f"keep_ratio={keep_ratio!r}: allowed values are numbers in (0, 1]")
+    for name, value in (("budget_units", budget_units), ("budget_bytes", budget_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0):
+            raise ValueError(f"{name}={value!r}: allowed values are numbers > 0")
+
+
+def _resolve_ranking(ranking, arch: str | None) -> LayerRanking | None:
+    if ranking is None:
+        return shipped_ranking(arch) if arch else None
+    if isinstance(ranking, LayerRanking):
+        return ranking
+    if isinstance(ranking, (str, Path)):
+        if not arch:
+            raise ValueError("ranking: a ranking file needs the model's architecture name: "
+                             "set model.arch_name or pass arch=...")
+        return load_ranking(ranking, arch)
+    raise TypeError(f"ranking={type(ranking).__name__}: allowed values are None, a LayerRanking "
+                    "or a path to a ranking JSON file")
+
+
+def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: int | None = None,
+            budget_bytes: int | None = None, example_input=None, policy: str = "d-topk",
+            ranking=None, coverage: float = DEFAULT_COVERAGE, seed: int = 0,
+            freeze_bn_stats: bool = True, classifier: str | None = "auto",
+            arch: str | None = None) -> TraDyController:
+    """Make ``model`` train only a budgeted, re-drawn set of input channels.
+
+    Swaps, in place on this instance, every Conv2d / Linear / BatchNorm2d /
+    ReLU / ReLU6 / global-average-pool for a TraDy module (state_dict keys do
+    not change), freezes every parameter, and returns the controller that draws
+    the channels to train at each epoch (``controller.resample(epoch)``).
+
+    Args:
+        keep_ratio: budget as a fraction in (0, 1] of full fine-tuning's memory
+            units (weights + per-sample input activations of the conv/linear
+            layers, classifier excluded). Or give ``budget_units`` (elements
+            per sample) or ``budget_bytes`` (units x element size) instead.
+        example_input: a batch to measure activation sizes with (no gradient).
+            Without it, the first forward measures them, then draws epoch 0.
+        policy: ``"d-topk"`` (= ``"trady"``), ``"s-topk"``, ``"d-fullrandom"``,
+            ``"s-fullrandom"``, ``"d-detrgn"``, ``"s-detrgn"``,
+            ``"classifier-only"`` or ``"full"``.
+        ranking: a LayerRanking, a ranking JSON path, or None for the ranking
+            shipped for ``model.arch_name`` (else all layers, with a warning).
+        coverage: share of the ranking's RGN that the top-K layers cover.
+        seed: draws are deterministic functions of ``(seed, epoch)``.
+        freeze_bn_stats: use BatchNorm running statistics in train mode too
+            (like FrozenBatchNorm2d); False keeps PyTorch's train-mode BN.
+        classifier: name of the layer trained in full; "auto" = the last
+            nn.Linear; None = no classifier.
+    """
+    chosen = get_policy(policy)
+    _check_budget(keep_ratio, budget_units, budget_bytes, chosen.pool)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if classifier == "auto":
+        classifier = find_classifier(model)
+    elif classifier is not None and classifier not in dict(model.named_modules()):
+        raise ValueError(f"classifier={classifier!r}: not a module name of this model")
+    arch = arch or getattr(model, "arch_name", None)
+    resolved_ranking = _resolve_ranking(ranking, arch)
+    modules = swap_modules(model, freeze_stats=freeze_bn_stats)
+    trainable = [m for n, m in modules.items() if hasattr(m, "selected_channels") and n != classifier]
+    if not trainable:
+        from .convert import unswap_modules
+        unswap_modules(model)
+        raise ValueError("model: nothing to convert: no nn.Conv2d or nn.Linear besides the "
+                         "classifier (supported: Conv2d with zero padding, Linear)")
+    controller = TraDyController(model, modules, policy=chosen.name, keep_ratio=keep_ratio,
+                                 budget_units=budget_units, budget_bytes=budget_bytes,
+                                 ranking=resolved_ranking, coverage=coverage, seed=seed,
+                                 classifier=classifier)
+    if example_input is not None:
+        controller.set_example_input(example_input)
+        controller.resample(0)
+    else:
+        controller.install_lazy_profiling()
+    return controller
+
+
+def revert(model_or_controller) -> nn.Module:
+    """Plain modules again (accepts the controller or the converted model)."""
+    if isinstance(model_or_controller, TraDyController):
+        return model_or_controller.revert()
+    from .convert import unswap_modules
+    return unswap_modules(model_or_controller)

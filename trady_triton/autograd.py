@@ -1,0 +1,227 @@
+"""The torch.autograd.Functions of TraDy: what each layer saves, what backward computes.
+
+What is saved for backward, per Function (parameters and buffers of the model
+are already resident and cost nothing extra):
+
+* ``SelectedConv2d`` / ``SelectedLinear``: the compact copy ``x[:, idx]`` of
+  the selected input channels (or ``x`` itself when every channel is selected).
+* ``FrozenConv2d`` / ``FrozenLinear``: nothing but the weight (dX needs only W).
+* ``FrozenAffine`` (BatchNorm with frozen statistics): nothing but its buffers.
+* ``MaskedClamp`` (ReLU / ReLU6): a 1-bit packed mask.
+* ``FusedAffineClamp``: BN -> ReLU/ReLU6 in one pass; also emits the compact
+  copy that the following conv/linear saves.
+
+Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from .dispatch import ops_for
+
+
+def _all_channels(idx: Tensor, channels: int) -> bool:
+    return idx.numel() == channels
+
+
+class SelectedConv2d(Function):
+    """Conv2d whose weight gradient is computed for input channels ``idx`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, stride, padding, dilation, groups, x_compact):
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.full = _all_channels(idx, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            if ctx.full:
+                saved = x
+            elif x_compact is not None:   # produced by a fused upstream kernel
+                saved = x_compact
+            else:
+                saved = ops_for(x).compact_channels(x, idx, 1)
+        else:
+            saved = None
+        ctx.save_for_backward(saved, weight, idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved, weight, idx = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
+                                                dilation, groups)
+        if ctx.needs_input_grad[1]:
+            if ctx.full:
+                grad_w = torch.nn.grad.conv2d_weight(saved, weight.shape, grad_y, stride,
+                                                     padding, dilation, groups)
+            else:
+                grad_w = ops_for(grad_y).conv2d_weight_grad_masked(
+                    saved, grad_y, idx, tuple(weight.shape), stride, padding, dilation, groups)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class FrozenConv2d(Function):
+    """Conv2d with a frozen weight: saves no activation, returns only dX."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
+                                            dilation, groups)
+        grad_b = grad_y.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_b, None, None, None, None
+
+
+class SelectedLinear(Function):
+    """Linear whose weight gradient is computed for input features ``idx`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, idx, x_compact):
+        y = F.linear(x, weight, bias)
+        ctx.full = _all_channels(idx, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            if ctx.full:
+                saved = x
+            elif x_compact is not None:
+                saved = x_compact
+            else:
+                saved = ops_for(x).compact_channels(x, idx, x.dim() - 1)
+        else:
+            saved = None
+        ctx.save_for_backward(saved, weight, idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved, weight, idx = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ weight
+        if ctx.needs_input_grad[1]:
+            if ctx.full:
+                grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ saved.reshape(-1, saved.shape[-1])
+            else:
+                grad_w = ops_for(grad_y).linear_weight_grad_masked(saved, grad_y, idx,
+                                                                   weight.shape[1])
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class FrozenLinear(Function):
+    """Linear with a frozen weight: saves no activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0) if ctx.needs_input_grad[2] else None
+        return grad_y @ weight, None, grad_b
+
+
+def frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps):
+    """Per-channel (scale, shift) of a BatchNorm with frozen statistics."""
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+class FrozenAffine(Function):
+    """BatchNorm with frozen statistics and parameters: y = x * scale + shift.
+
+    Saves only the module's own parameters and buffers; backward recomputes
+    the scale from them (a few flops per channel) instead of saving it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        scale, shift = frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(weight, running_var)
+        return x * _per_channel(scale.to(x.dtype), x.dim()) + _per_channel(shift.to(x.dtype), x.dim())
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, running_var = ctx.saved_tensors
+        scale = torch.rsqrt(running_var + ctx.eps)
+        if weight is not None:
+            scale = scale * weight
+        return grad_y * _per_channel(scale.to(grad_y.dtype), grad_y.dim()), None, None, None, None, None
+
+
+class MaskedClamp(Function):
+    """ReLU (``upper=None``) or ReLU6 that keeps a 1-bit mask for backward."""
+
+    @staticmethod
+    def forward(ctx, x, upper, inplace):
+        y, packed = ops_for(x).relu_forward_mask(x, upper)
+        ctx.shape = x.shape
+        ctx.save_for_backward(packed)
+        if inplace:
+            x.copy_(y)
+            ctx.mark_dirty(x)
+            return x
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        return ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed), None, None
+
+
+class FusedAffineClamp(Function):
+    """Frozen BN -> ReLU/ReLU6, also emitting the compact copy of channels ``idx``.
+
+    Outputs (y, y[:, idx]); the compact copy is not differentiable: it is only
+    what the next conv saves for its weight gradient. Saves the 1-bit mask and
+    the BN's own parameters/buffers (backward recomputes the scale from them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, upper, idx):
+        scale, shift = frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps)
+        y, packed, compact = ops_for(x).affine_relu_compact(x, scale.to(x.dtype),
+                                                            shift.to(x.dtype), upper, idx)
+        ctx.mark_non_differentiable(compact)
+        ctx.eps = eps
+        ctx.save_for_backward(packed, weight, running_var)
+        return y, compact
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_compact):
+        packed, weight, running_var = ctx.saved_tensors
+        scale = torch.rsqrt(running_var + ctx.eps)
+        if weight is not None:
+            scale = scale * weight
+        grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
+        return (grad * _per_channel(scale.to(grad.dtype), grad.dim()),
+                None, None, None, None, None, None, None)

@@ -1,0 +1,107 @@
+"""convert() / revert(): swap supported modules of a model instance for TraDy modules.
+
+The swap makes a new module object of the TraDy subclass that shares the
+original's parameters and buffers (same Parameter objects, so optimizers built
+before convert() still see them), and puts it where the original was. No
+torch.nn class is patched; other instances of the same class are untouched.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from . import layers as L
+
+# Exact types only: a user's subclass may change forward(), so it is left alone.
+SWAPS = {
+    nn.Conv2d: L.TraDyConv2d,
+    nn.Linear: L.TraDyLinear,
+    nn.BatchNorm2d: L.TraDyBatchNorm2d,
+    nn.ReLU: L.TraDyReLU,
+    nn.ReLU6: L.TraDyReLU6,
+    nn.AdaptiveAvgPool2d: L.TraDyAdaptiveAvgPool2d,
+}
+TRADY_TYPES = tuple(SWAPS.values())
+_ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
+                     "_trady_original_class")
+
+
+def _symmetric_padding(conv: nn.Conv2d):
+    """Integer padding for ``padding='same'/'valid'``, or None if it is asymmetric."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+def _convertible(module: nn.Module) -> bool:
+    if type(module) not in SWAPS:
+        return False
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros" and _symmetric_padding(module) is not None
+    if isinstance(module, nn.BatchNorm2d):
+        return module.track_running_stats
+    return True
+
+
+def _clone_as(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` instance with ``module``'s state (parameters shared, dicts copied)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({key: (value.copy() if isinstance(value, dict) else value)
+                         for key, value in module.__dict__.items()})
+    return new
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Module]:
+    """Replace every convertible module in place; returns name -> TraDy module."""
+    if any(isinstance(m, TRADY_TYPES) for m in model.modules()):
+        raise ValueError("model is already converted: call revert() first")
+    if type(model) in SWAPS:
+        raise ValueError("model: pass a container of layers, not a single layer")
+    replaced: dict[int, nn.Module] = {}   # id(original) -> new, so shared modules stay shared
+    swapped = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or not _convertible(module):
+            continue
+        if id(module) not in replaced:
+            new = _clone_as(module, SWAPS[type(module)])
+            new._trady_original_class = type(module)
+            if isinstance(new, nn.Conv2d):
+                new.padding = _symmetric_padding(module)
+            if isinstance(new, L.TraDyBatchNorm2d):
+                new._trady_setup(freeze_stats)
+            else:
+                new._trady_setup()
+            replaced[id(module)] = new
+        _set_child(model, name, replaced[id(module)])
+        swapped[name] = replaced[id(module)]
+    return swapped
+
+
+def unswap_modules(model: nn.Module) -> nn.Module:
+    """Give back plain torch.nn modules (the inverse of :func:`swap_modules`)."""
+    restored: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or not isinstance(module, TRADY_TYPES):
+            continue
+        if id(module) not in restored:
+            plain = _clone_as(module, module._trady_original_class)
+            plain._buffers.pop("selected_channels", None)
+            for attribute in _ADDED_ATTRIBUTES:
+                plain.__dict__.pop(attribute, None)
+            restored[id(module)] = plain
+        _set_child(model, name, restored[id(module)])
+    return model

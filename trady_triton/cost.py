@@ -1,0 +1,167 @@
+"""The cost model of TRADY.md sections 1 and 4: memory units, bytes, FLOPs, sparsities.
+
+All per-channel figures are per sample. For a conv with weight ``[C', C/g, D, D]``
+and input ``[B, C, H, W]``, input channel ``c`` costs
+
+    weight units      CW_c = (C'/g) * D * D
+    activation units  CA_c = H * W
+    time              T_c  = CW_c * H' * W'      (weight-gradient MACs per sample)
+
+A Linear is the same with channel = input feature, ``CW_c = out_features`` and
+``CA_c`` = the number of positions per sample (1 for a ``[B, in]`` input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Shape facts of one convertible layer, measured at a profiling forward."""
+
+    name: str
+    kind: str                      # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    groups: int
+    kernel_size: tuple[int, int]
+    input_spatial: tuple[int, ...]   # per-sample positions of the input (H, W) or (T,) or ()
+    output_spatial: tuple[int, ...]
+    element_bytes: int
+    order: int                       # position in the forward's execution order
+    is_classifier: bool = False
+
+    @property
+    def weight_units_per_channel(self) -> int:
+        return self.out_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def activation_units_per_channel(self) -> int:
+        return math.prod(self.input_spatial)
+
+    @property
+    def units_per_channel(self) -> int:
+        """(Theta_space)_c = CW_c + CA_c."""
+        return self.weight_units_per_channel + self.activation_units_per_channel
+
+    @property
+    def macs_per_channel(self) -> int:
+        """(Theta_time)_c: weight-gradient multiply-adds per sample."""
+        return self.weight_units_per_channel * math.prod(self.output_spatial)
+
+    @property
+    def weight_units(self) -> int:
+        return self.in_channels * self.weight_units_per_channel
+
+    @property
+    def activation_units(self) -> int:
+        return self.in_channels * self.activation_units_per_channel
+
+    @property
+    def units(self) -> int:
+        return self.weight_units + self.activation_units
+
+    def shape_str(self) -> str:
+        if self.kind == "linear":
+            return f"linear {self.in_channels}->{self.out_channels}"
+        kh, kw = self.kernel_size
+        g = "" if self.groups == 1 else (" dw" if self.groups == self.in_channels else f" g{self.groups}")
+        return f"conv{kh}x{kw}{g} {self.in_channels}->{self.out_channels} @{'x'.join(map(str, self.input_spatial))}"
+
+
+@dataclass(frozen=True)
+class MaskCost:
+    """A ReLU/ReLU6 whose 1-bit mask is kept when it runs on the backward path."""
+
+    name: str
+    numel_per_sample: int
+    order: int
+
+    def bytes_for(self, batch: int) -> int:
+        return math.ceil(batch * self.numel_per_sample / 8)
+
+
+def full_units(layers: list[LayerCost]) -> int:
+    """Full fine-tuning's memory units: weights + per-sample activations, classifier excluded."""
+    return sum(layer.units for layer in layers if not layer.is_classifier)
+
+
+@dataclass
+class SelectionStats:
+    """Per-epoch figures of TRADY.md section 4 for one selection."""
+
+    selected_units: int
+    budget_units: int | None
+    full_units: int
+    weight_sparsity: float
+    activation_sparsity: float
+    flops_saved: float
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("selected_units", "budget_units", "full_units",
+                                               "weight_sparsity", "activation_sparsity",
+                                               "flops_saved")}
+
+
+def selection_stats(layers: list[LayerCost], counts: dict[str, int],
+                    budget_units: int | None = None) -> SelectionStats:
+    """Sparsities and FLOPs saved for ``counts`` (layer name -> selected channels).
+
+    The classifier is excluded from every figure, as in the paper.
+    """
+    body = [layer for layer in layers if not layer.is_classifier]
+    w_sel = sum(counts.get(l.name, 0) * l.weight_units_per_channel for l in body)
+    a_sel = sum(counts.get(l.name, 0) * l.activation_units_per_channel for l in body)
+    t_sel = sum(counts.get(l.name, 0) * l.macs_per_channel for l in body)
+    w_all = sum(l.weight_units for l in body)
+    a_all = sum(l.activation_units for l in body)
+    t_all = sum(l.in_channels * l.macs_per_channel for l in body)
+    return SelectionStats(
+        selected_units=w_sel + a_sel,
+        budget_units=budget_units,
+        full_units=w_all + a_all,
+        weight_sparsity=1.0 - w_sel / w_all if w_all else 0.0,
+        activation_sparsity=1.0 - a_sel / a_all if a_all else 0.0,
+        flops_saved=1.0 - t_sel / t_all if t_all else 0.0,
+        per_layer={l.name: counts.get(l.name, 0) for l in body},
+    )
+
+
+def saved_bytes_for_backward(layers: list[LayerCost], masks: list[MaskCost],
+                             counts: dict[str, int], batch: int) -> dict[str, int]:
+    """Analytic bytes that a converted model saves for backward, per component.
+
+    Trained layers save ``batch * K * CA_c`` elements of their compact input;
+    every ReLU/ReLU6 executed after the earliest trained layer keeps a 1-bit
+    mask; frozen layers, frozen BatchNorm, pooling and residual adds save none.
+    (Unconverted modules on the backward path are not modelled: measure them.)
+    """
+    trained = [l for l in layers if counts.get(l.name, 0) > 0]
+    if not trained:
+        return {"activations": 0, "classifier": 0, "masks": 0, "total": 0}
+    first = min(l.order for l in trained)
+    act = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
+              for l in trained if not l.is_classifier)
+    head = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
+               for l in trained if l.is_classifier)
+    mask = sum(m.bytes_for(batch) for m in masks if m.order > first)
+    return {"activations": act, "classifier": head, "masks": mask, "total": act + head + mask}
+
+
+def full_finetune_saved_bytes_estimate(layers: list[LayerCost], batch: int) -> int:
+    """Activation bytes of all conv/linear inputs (a lower bound for plain PyTorch)."""
+    return sum(batch * l.activation_units * l.element_bytes for l in layers)
+
+
+def weight_grad_flops(layer: LayerCost, channels: int, batch: int) -> int:
+    """FLOPs (2 x MACs) of the weight gradient for ``channels`` input channels."""
+    return 2 * batch * channels * layer.macs_per_channel
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,173 @@
+"""TraDy modules: drop-in subclasses of the torch.nn layers they replace.
+
+They keep the parent's attribute names (``weight``, ``bias``, running stats), so
+a converted model's state_dict has the original keys. Each decides per call
+whether autograd is involved at all (layers before the earliest trainable one
+run as plain ops and save nothing) and which Function of ``autograd.py`` to use.
+
+A layer is *trained* when its ``weight.requires_grad`` is True; it then
+computes the weight gradient for the input channels in its non-persistent
+buffer ``selected_channels`` only (all channels unless the controller says
+otherwise).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import autograd as fn
+
+
+def _grad_needed(x: Tensor, *params) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(p is not None and p.requires_grad for p in params)
+
+
+class _FusionTarget:
+    """Mixin: receive a compact copy prepared by an upstream fused BN->ReLU kernel.
+
+    Only a weak reference to the upstream output is kept, so a forward that
+    never reaches this layer leaks nothing.
+    """
+
+    def _offer_compact(self, y: Tensor, compact: Tensor) -> None:
+        self._fused_input = (weakref.ref(y), compact)
+
+    def _take_compact(self, x: Tensor):
+        offered = getattr(self, "_fused_input", None)
+        self._fused_input = None
+        if offered is not None and offered[0]() is x:
+            return offered[1]
+        return None
+
+
+class TraDyConv2d(_FusionTarget, nn.Conv2d):
+    """nn.Conv2d that trains only the input channels ``selected_channels``."""
+
+    def _trady_setup(self) -> None:
+        self.register_buffer("selected_channels",
+                             torch.arange(self.in_channels, device=self.weight.device),
+                             persistent=False)
+        self._fused_input = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _grad_needed(x, self.weight, self.bias):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                            self.dilation, self.groups)
+        compact = self._take_compact(x)
+        if self.weight.requires_grad:
+            return fn.SelectedConv2d.apply(x, self.weight, self.bias, self.selected_channels,
+                                           self.stride, self.padding, self.dilation,
+                                           self.groups, compact)
+        return fn.FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding,
+                                     self.dilation, self.groups)
+
+
+class TraDyLinear(_FusionTarget, nn.Linear):
+    """nn.Linear that trains only the input features ``selected_channels``."""
+
+    def _trady_setup(self) -> None:
+        self.register_buffer("selected_channels",
+                             torch.arange(self.in_features, device=self.weight.device),
+                             persistent=False)
+        self._fused_input = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _grad_needed(x, self.weight, self.bias):
+            return F.linear(x, self.weight, self.bias)
+        compact = self._take_compact(x)
+        if self.weight.requires_grad:
+            return fn.SelectedLinear.apply(x, self.weight, self.bias, self.selected_channels,
+                                           compact)
+        return fn.FrozenLinear.apply(x, self.weight, self.bias)
+
+
+class _MaskedActivation:
+    """Mixin for ReLU / ReLU6: keep a 1-bit mask instead of the activation."""
+
+    upper: float | None = None
+
+    def _trady_setup(self) -> None:
+        self._fused_output = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = self._fused_output
+        self._fused_output = None
+        if fused is not None and fused() is x:   # already activated by a fused BN kernel
+            return x
+        if not _grad_needed(x):
+            return super().forward(x)
+        return fn.MaskedClamp.apply(x, self.upper, self.inplace)
+
+
+class TraDyReLU(_MaskedActivation, nn.ReLU):
+    upper = None
+
+
+class TraDyReLU6(_MaskedActivation, nn.ReLU6):
+    upper = 6.0
+
+
+class TraDyBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, with frozen statistics, is an affine map saving nothing.
+
+    ``freeze_stats=True`` (convert()'s default) uses the running statistics in
+    train mode too, like torchvision's FrozenBatchNorm2d. With
+    ``freeze_stats=False`` in train mode, or with a trainable BN weight, it is
+    plain PyTorch BatchNorm (which saves its input; the report counts it).
+    """
+
+    def _trady_setup(self, freeze_stats: bool = True) -> None:
+        self.freeze_stats = freeze_stats
+        self._fuse_with = None   # (activation module, consumer layer), set by convert()
+
+    def uses_frozen_affine(self) -> bool:
+        frozen_stats = self.freeze_stats or not self.training
+        trainable = any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        return frozen_stats and self.track_running_stats and not trainable
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.uses_frozen_affine():
+            return super().forward(x)
+        if not _grad_needed(x):
+            with torch.no_grad():
+                return fn.FrozenAffine.apply(x, self.weight, self.bias, self.running_mean,
+                                             self.running_var, self.eps)
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
+        return fn.FrozenAffine.apply(x, self.weight, self.bias, self.running_mean,
+                                     self.running_var, self.eps)
+
+    def _fused_forward(self, x: Tensor):
+        """BN -> ReLU/ReLU6 -> partially trained conv/linear in one kernel, if wired."""
+        if self._fuse_with is None or x.dim() != 4:
+            return None
+        activation, consumer = self._fuse_with
+        weight = consumer.weight
+        if not weight.requires_grad or consumer.selected_channels.numel() == weight.shape[1]:
+            return None
+        y, compact = fn.FusedAffineClamp.apply(x, self.weight, self.bias, self.running_mean,
+                                               self.running_var, self.eps, activation.upper,
+                                               consumer.selected_channels)
+        activation._fused_output = weakref.ref(y)
+        consumer._offer_compact(y, compact)
+        return y
+
+
+class TraDyAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Global average pooling as a mean, whose backward needs no saved tensor."""
+
+    def _trady_setup(self) -> None:
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.output_size in (1, (1, 1)):
+            return x.mean(dim=(-2, -1), keepdim=True)
+        return super().forward(x)

@@ -1,0 +1,112 @@
+"""One profiling forward: layer shapes, execution order, masks and fusable patterns.
+
+The cost model needs each layer's per-sample input size, which only a forward
+pass tells; the order of execution tells which activations lie on the backward
+path of the earliest trained layer; and the data flow (which tensor feeds which
+module) finds the BN -> ReLU/ReLU6 -> conv chains that one fused kernel serves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .cost import LayerCost, MaskCost, element_bytes
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+# Leaf modules whose backward needs no saved tensor: not "unsupported".
+_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+@dataclass
+class Profile:
+    layers: list[LayerCost]
+    masks: list[MaskCost]
+    fusions: list[tuple[str, str, str]]        # (batchnorm, activation, consumer) names
+    other_modules: list[tuple[str, str]]       # (name, class) of leaves we do not convert
+    calls: list[str] = field(default_factory=list)
+
+
+def find_classifier(model: nn.Module) -> str | None:
+    """The last nn.Linear (by registration order): the classifier, trained in full."""
+    name = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    return name
+
+
+def _spatial(shape: torch.Size, kind: str) -> tuple[int, ...]:
+    return tuple(shape[2:]) if kind == "conv" else tuple(shape[1:-1])
+
+
+def profile_model(model: nn.Module, example_input, classifier: str | None = "auto") -> Profile:
+    """Run ``model(example_input)`` once under no_grad, recording what the cost model needs."""
+    if classifier == "auto":
+        classifier = find_classifier(model)
+    records = []   # (order, name, module, input tensor, output tensor)
+    handles = []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            records.append((len(records), name, module, first,
+                            output if isinstance(output, torch.Tensor) else None))
+        return hook
+
+    for name, module in model.named_modules():
+        leaf = not any(True for _ in module.children())
+        if leaf or isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    layers, masks, other, seen = [], [], [], set()
+    for order, name, module, x, y in records:
+        if name in seen:
+            continue    # a module called twice is costed at its first call
+        seen.add(name)
+        if isinstance(module, nn.Conv2d) and x is not None:
+            layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
+                                    module.groups, tuple(module.kernel_size),
+                                    _spatial(x.shape, "conv"), _spatial(y.shape, "conv"),
+                                    element_bytes(x.dtype), order, name == classifier))
+        elif isinstance(module, nn.Linear) and x is not None:
+            layers.append(LayerCost(name, "linear", module.in_features, module.out_features, 1,
+                                    (1, 1), _spatial(x.shape, "linear"), _spatial(y.shape, "linear"),
+                                    element_bytes(x.dtype), order, name == classifier))
+        elif isinstance(module, _ACTIVATIONS) and x is not None:
+            masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
+        elif not isinstance(module, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, *_SAVE_NOTHING)):
+            other.append((name, type(module).__name__))
+        elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+            other.append((name, type(module).__name__))
+    return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
+
+
+def _find_fusions(records) -> list[tuple[str, str, str]]:
+    """BN whose output feeds exactly an activation whose output feeds a conv first."""
+    fusions = []
+    for i in range(len(records) - 2):
+        _, bn_name, bn, _, bn_out = records[i]
+        _, act_name, act, act_in, act_out = records[i + 1]
+        if not isinstance(bn, nn.BatchNorm2d) or not isinstance(act, _ACTIVATIONS):
+            continue
+        if bn_out is None or act_in is not bn_out:
+            continue
+        for _, consumer_name, consumer, consumer_in, _ in records[i + 2:]:
+            if consumer_in is act_out:
+                if isinstance(consumer, nn.Conv2d):
+                    fusions.append((bn_name, act_name, consumer_name))
+                break
+    return fusions

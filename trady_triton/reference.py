@@ -1,0 +1,141 @@
+"""Plain-PyTorch versions of every kernel: the CPU path and the test oracle.
+
+Each function here has a Triton twin in ``trady_triton.kernels`` with the same
+signature and the same result (up to float rounding). ``dispatch.py`` picks one.
+
+Conventions shared with the kernels:
+
+* ``idx`` is a 1-D int32/int64 tensor of selected input-channel indices, any
+  order, no repeats (the sampler never draws a channel twice).
+* The compact copy of a conv input keeps the layout ``[N, K, H, W]``; of a
+  Linear input ``[..., K]`` (channel = last dim).
+* A 1-bit mask is a flat uint8 tensor of ``ceil(numel / 8)`` bytes; bit ``j`` of
+  byte ``i`` is element ``8 * i + j`` of the tensor in logical (row-major,
+  NCHW) order. 1 means "the gradient passes".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def compact_channels(x: Tensor, idx: Tensor, channel_dim: int) -> Tensor:
+    """``x`` restricted to the channels ``idx`` along ``channel_dim``, contiguous."""
+    return x.index_select(channel_dim, idx.long()).contiguous()
+
+
+def conv2d_weight_grad_masked(
+    x_compact: Tensor,
+    grad_output: Tensor,
+    idx: Tensor,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> Tensor:
+    """Dense conv weight gradient with only the input channels ``idx`` filled.
+
+    ``x_compact`` is ``x[:, idx]``. The slices ``dW[:, c]`` of unselected input
+    channels are exact zeros. Works for any ``groups``: input channel ``c``
+    belongs to group ``c // (C / groups)`` and its gradient slice is
+    ``dW[o, c % (C / groups)]`` for the output channels ``o`` of that group.
+    """
+    out_channels, in_per_group, kh, kw = weight_shape
+    idx = idx.long()
+    grad_weight = grad_output.new_zeros(weight_shape)
+    if idx.numel() == 0:
+        return grad_weight
+    if groups == 1:
+        partial = torch.nn.grad.conv2d_weight(
+            x_compact, (out_channels, idx.numel(), kh, kw), grad_output,
+            stride=stride, padding=padding, dilation=dilation, groups=1)
+        grad_weight[:, idx] = partial
+        return grad_weight
+    # Grouped: pair each selected input channel with its group's output
+    # channels and run one grouped weight-gradient with one group per channel.
+    out_per_group = out_channels // groups
+    group_of_channel = idx // in_per_group
+    local_channel = idx % in_per_group
+    out_index = (group_of_channel[:, None] * out_per_group
+                 + torch.arange(out_per_group, device=idx.device)[None, :])   # [K, opg]
+    grad_out_per_channel = grad_output.index_select(1, out_index.reshape(-1))
+    partial = torch.nn.grad.conv2d_weight(
+        x_compact, (idx.numel() * out_per_group, 1, kh, kw), grad_out_per_channel,
+        stride=stride, padding=padding, dilation=dilation, groups=idx.numel())
+    partial = partial.reshape(idx.numel(), out_per_group, kh, kw)
+    grad_weight[out_index, local_channel[:, None]] = partial
+    return grad_weight
+
+
+def linear_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
+                              in_features: int) -> Tensor:
+    """Dense Linear weight gradient ``[out, in]`` with only columns ``idx`` filled."""
+    out_features = grad_output.shape[-1]
+    grad_weight = grad_output.new_zeros((out_features, in_features))
+    if idx.numel() == 0:
+        return grad_weight
+    dy = grad_output.reshape(-1, out_features)
+    xc = x_compact.reshape(-1, idx.numel())
+    grad_weight[:, idx.long()] = dy.t() @ xc
+    return grad_weight
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    return (2 ** torch.arange(8, device=device, dtype=torch.int32))
+
+
+def pack_mask(passes: Tensor) -> Tensor:
+    """Pack a boolean tensor into ``ceil(numel / 8)`` bytes (little bit order)."""
+    flat = passes.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.int32) * _bit_weights(flat.device)
+    return bits.sum(dim=1).to(torch.uint8)
+
+
+def unpack_mask(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_mask`: a flat bool tensor of ``numel`` elements."""
+    bits = (packed.to(torch.int32)[:, None] & _bit_weights(packed.device)) != 0
+    return bits.reshape(-1)[:numel]
+
+
+def relu_forward_mask(x: Tensor, upper: float | None) -> tuple[Tensor, Tensor]:
+    """ReLU (``upper=None``) or ReLU6-style clamp; returns (output, packed mask).
+
+    The mask says where the derivative is 1: ``not x <= 0`` for ReLU and
+    ``not (x <= 0 or x >= upper)`` for the clamped version. Written as negations
+    on purpose: PyTorch's backward passes the gradient at NaN inputs (every
+    comparison with NaN is false), and so must we. At the kinks the derivative
+    is 0, as in PyTorch.
+    """
+    if upper is None:
+        y = F.relu(x)
+        passes = ~(x <= 0)
+    else:
+        y = F.hardtanh(x, 0.0, upper)
+        passes = ~((x <= 0) | (x >= upper))
+    return y, pack_mask(passes)
+
+
+def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
+    """``grad_output`` where the mask passes, 0 elsewhere."""
+    passes = unpack_mask(packed, grad_output.numel()).reshape(grad_output.shape)
+    return torch.where(passes, grad_output, torch.zeros((), dtype=grad_output.dtype,
+                                                         device=grad_output.device))
+
+
+def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | None,
+                        idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused frozen BatchNorm -> ReLU/ReLU6 -> compaction of channels ``idx``.
+
+    ``x`` is ``[N, C, H, W]``; ``scale``/``shift`` are per-channel ``[C]``
+    (``y = relu(x * scale + shift)``). Returns (output, packed mask, compact copy of
+    the output's channels ``idx``).
+    """
+    pre = x * scale[None, :, None, None] + shift[None, :, None, None]
+    y, packed = relu_forward_mask(pre, upper)
+    return y, packed, compact_channels(y, idx, 1)

@@ -1,0 +1,56 @@
+"""The controller's printed report: a per-layer table and totals, next to full fine-tuning."""
+
+from __future__ import annotations
+
+from . import cost as C
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.3f} MiB"
+
+
+def format_report(controller, batch: int, measured_bytes: int | None = None) -> str:
+    layers = controller.layers
+    counts = controller.counts()
+    rows = [("layer", "shape", "selected/total", "units", "saved bytes", "dW GFLOP")]
+    for layer in layers:
+        k = counts.get(layer.name, 0)
+        units = k * layer.units_per_channel
+        saved = batch * k * layer.activation_units_per_channel * layer.element_bytes
+        flops = C.weight_grad_flops(layer, k, batch) / 1e9
+        name = layer.name + (" (classifier)" if layer.is_classifier else "")
+        rows.append((name, layer.shape_str(), f"{k}/{layer.in_channels}", str(units), str(saved),
+                     f"{flops:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+
+    stats = controller.stats()
+    analytic = controller.saved_bytes(batch)
+    full_flops = sum(C.weight_grad_flops(l, l.in_channels, batch) for l in layers)
+    sel_flops = sum(C.weight_grad_flops(l, counts.get(l.name, 0), batch) for l in layers)
+    budget = "none" if controller.budget_units is None else f"{controller.budget_units:,}"
+    lines += [
+        "",
+        f"policy {controller.policy.name}, epoch {controller.epoch}, seed {controller.seed}, "
+        f"batch {batch}",
+        f"memory units per sample: selected {stats.selected_units:,} of budget {budget} "
+        f"(full fine-tuning {stats.full_units:,}; classifier excluded)",
+        f"weight-derivative sparsity {stats.weight_sparsity:.2%}, activation sparsity "
+        f"{stats.activation_sparsity:.2%}, weight-gradient FLOPs saved {stats.flops_saved:.2%}",
+        f"weight-gradient GFLOP (all layers, batch {batch}): {sel_flops / 1e9:.4f} vs full "
+        f"{full_flops / 1e9:.4f}",
+        f"saved for backward (analytic): {_mib(analytic['total'])} = activations "
+        f"{_mib(analytic['activations'])} + classifier input {_mib(analytic['classifier'])} + "
+        f"1-bit masks {_mib(analytic['masks'])}",
+        f"full fine-tuning keeps at least {_mib(C.full_finetune_saved_bytes_estimate(layers, batch))}"
+        " of conv/linear inputs alone",
+    ]
+    if measured_bytes is not None:
+        lines.append(f"saved for backward (measured): {_mib(measured_bytes)}")
+    others = controller.profile.other_modules
+    if others:
+        kinds = sorted({cls for _, cls in others})
+        lines.append(f"not converted (PyTorch behaviour, counted only when measured): "
+                     f"{len(others)} modules of types {', '.join(kinds)}")
+    return "\n".join(lines)
