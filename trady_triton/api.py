@@ -67,7 +67,8 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
             Without it, the first forward measures them, then draws epoch 0.
         policy: ``"d-topk"`` (= ``"trady"``), ``"s-topk"``, ``"d-fullrandom"``,
             ``"s-fullrandom"``, ``"d-detrgn"``, ``"s-detrgn"``,
-            ``"classifier-only"`` or ``"full"``.
+            ``"classifier-only"`` or ``"full"``. The DetRGN oracles draw only
+            after ``controller.score_channels(batches)``.
         ranking: a LayerRanking, a ranking JSON path, or None for the ranking
             shipped for ``model.arch_name`` (else all layers, with a warning).
         coverage: share of the ranking's RGN that the top-K layers cover.
@@ -100,7 +101,8 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
                                  classifier=classifier)
     if example_input is not None:
         controller.set_example_input(example_input)
-        controller.resample(0)
+        if not chosen.needs_scores:   # DetRGN draws after controller.score_channels()
+            controller.resample(0)
     else:
         controller.install_lazy_profiling()
     return controller

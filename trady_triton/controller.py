@@ -122,7 +122,8 @@ class TraDyController:
             self._lazy_hook.remove()
             self._lazy_hook = None
             self.set_example_input(args if len(args) > 1 else args[0])
-            self.resample(0 if self.epoch is None else self.epoch)
+            if not self.policy.needs_scores:
+                self.resample(0 if self.epoch is None else self.epoch)
         self._lazy_hook = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     # ------------------------------------------------------------- selection

@@ -106,18 +106,18 @@ def unpack_mask(packed: Tensor, numel: int) -> Tensor:
 def relu_forward_mask(x: Tensor, upper: float | None) -> tuple[Tensor, Tensor]:
     """ReLU (``upper=None``) or ReLU6-style clamp; returns (output, packed mask).
 
-    The mask says where the derivative is 1: ``not x <= 0`` for ReLU and
-    ``not (x <= 0 or x >= upper)`` for the clamped version. Written as negations
-    on purpose: PyTorch's backward passes the gradient at NaN inputs (every
-    comparison with NaN is false), and so must we. At the kinks the derivative
-    is 0, as in PyTorch.
+    The mask says where the derivative is 1. At NaN inputs we follow PyTorch's
+    vectorised CPU/CUDA kernels: ReLU passes the gradient (``not x <= 0``),
+    ReLU6 blocks it (``0 < x < upper``). (PyTorch's scalar tail loop for
+    tensors of under ~8 elements passes it for ReLU6 too; we do not copy that.)
+    At the kinks the derivative is 0, as in PyTorch.
     """
     if upper is None:
         y = F.relu(x)
         passes = ~(x <= 0)
     else:
         y = F.hardtanh(x, 0.0, upper)
-        passes = ~((x <= 0) | (x >= upper))
+        passes = (x > 0) & (x < upper)
     return y, pack_mask(passes)
 
 
