@@ -12,6 +12,13 @@ are already resident and cost nothing extra):
   copy that the following conv/linear saves.
 
 Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
+
+Mixed precision: inside ``torch.autocast`` the conv / linear of a forward runs
+in the autocast dtype (autocast stays on inside a Function's forward). The
+saved activation is stored in the dtype the op actually computed in (the
+output's dtype), and backward casts the (resident) weight to the incoming
+gradient's dtype, as autocast's own ops do; autograd casts each returned
+gradient back to its input's dtype (float32 weights get float32 gradients).
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from .dispatch import ops_for
 
 def _all_channels(idx: Tensor, channels: int) -> bool:
     return idx.numel() == channels
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype`` (no copy when it already is): autocast's compute dtype."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class SelectedConv2d(Function):
@@ -44,6 +56,7 @@ class SelectedConv2d(Function):
                 saved = x_compact
             else:
                 saved = ops_for(x).compact_channels(x, idx, 1)
+            saved = _as(saved, y.dtype)   # autocast: keep what the conv computed with
         else:
             saved = None
         ctx.save_for_backward(saved, weight, idx)
@@ -53,6 +66,7 @@ class SelectedConv2d(Function):
     def backward(ctx, grad_y):
         saved, weight, idx = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        weight = _as(weight, grad_y.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
@@ -83,6 +97,7 @@ class FrozenConv2d(Function):
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        weight = _as(weight, grad_y.dtype)
         grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
                                             dilation, groups)
         grad_b = grad_y.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
@@ -103,6 +118,7 @@ class SelectedLinear(Function):
                 saved = x_compact
             else:
                 saved = ops_for(x).compact_channels(x, idx, x.dim() - 1)
+            saved = _as(saved, y.dtype)
         else:
             saved = None
         ctx.save_for_backward(saved, weight, idx)
@@ -113,7 +129,7 @@ class SelectedLinear(Function):
         saved, weight, idx = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ weight
+            grad_x = grad_y @ _as(weight, grad_y.dtype)
         if ctx.needs_input_grad[1]:
             if ctx.full:
                 grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ saved.reshape(-1, saved.shape[-1])
@@ -137,7 +153,7 @@ class FrozenLinear(Function):
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0) if ctx.needs_input_grad[2] else None
-        return grad_y @ weight, None, grad_b
+        return grad_y @ _as(weight, grad_y.dtype), None, grad_b
 
 
 def frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps):

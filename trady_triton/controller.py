@@ -49,6 +49,9 @@ class TraDyController:
         self.budget_units: int | None = None
         self.pool: list[str] = []
         self._lazy_hook = None
+        self._input_shape: tuple | None = None    # per-sample shape of the profiled input
+        self._shape_hook = None
+        self._optimizer_masks: list = []
         self._freeze_all()
 
     # ----------------------------------------------------------------- set-up
@@ -67,7 +70,15 @@ class TraDyController:
             head.selected_channels = torch.arange(head.in_features, device=head.weight.device)
 
     def set_example_input(self, example_input) -> None:
-        """Profile the model on ``example_input``: shapes, budget, layer pool."""
+        """Profile the model on ``example_input``: shapes, budget, layer pool.
+
+        Call it again with an input of a new resolution (then ``resample``) to
+        re-evaluate the budget: activation costs depend on the input size, and a
+        training forward at another per-sample shape than the profiled one raises.
+        """
+        if self._shape_hook is not None:          # the profiling forward is not checked
+            self._shape_hook.remove()
+            self._shape_hook = None
         profile = profile_model(self.model, example_input, self.classifier)
         names = {l.name for l in profile.layers}
         if not [l for l in profile.layers if not l.is_classifier]:
@@ -83,6 +94,23 @@ class TraDyController:
             self.pool = default_pool(body, getattr(self.model, "arch_name", type(self.model).__name__)) \
                 if self.policy.pool == "topk" else body
         self._wire_fusions()
+        first = example_input[0] if isinstance(example_input, tuple) else example_input
+        self._input_shape = tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None
+        if self._input_shape is not None:
+            self._shape_hook = self.model.register_forward_pre_hook(self._check_input_shape)
+
+    def _check_input_shape(self, module, args) -> None:
+        """A training forward must see the per-sample shape the budget was computed for."""
+        if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+            return
+        shape = tuple(args[0].shape[1:])
+        if shape != self._input_shape:
+            raise RuntimeError(
+                f"input per-sample shape {shape} differs from the profiled {self._input_shape}: "
+                "the memory budget and channel costs were computed for the profiled size. Call "
+                "controller.set_example_input(batch) and controller.resample(epoch) to "
+                "re-evaluate them for the new resolution (forwards under torch.no_grad(), "
+                "e.g. evaluation, may use any size)")
 
     def _resolve_budget(self) -> int | None:
         keep_ratio, units, nbytes = self._budget_spec
@@ -248,6 +276,11 @@ class TraDyController:
             raise ValueError(f"controller state is for policy {state['policy']!r}, "
                              f"this controller runs {self.policy.name!r}")
         self._require_profile()
+        known = {l.name for l in self.layers if not l.is_classifier}
+        unknown = sorted(set(state["pool"]) - known)
+        if unknown:
+            raise ValueError(f"controller state names pool layers this model does not have: "
+                             f"{unknown[:5]}")
         self.seed = int(state["seed"])
         self.pool = list(state["pool"])
         self.budget_units = None if state["budget_units"] < 0 else int(state["budget_units"])
@@ -256,11 +289,28 @@ class TraDyController:
         self.epoch = None if state["epoch"] < 0 else int(state["epoch"])
         self.apply_selection(state["selection"])
 
+    def mask_optimizer(self, optimizer: torch.optim.Optimizer, state: str = "freeze"):
+        """Make ``optimizer.step()`` change only the selected channels (and the classifier).
+
+        Needed with momentum, Adam-style state or weight decay; see
+        :mod:`trady_triton.optim`. Returns the :class:`~trady_triton.optim.OptimizerMask`
+        (``.remove()`` takes its hooks off; ``revert()`` does it too).
+        """
+        from .optim import OptimizerMask
+        mask = OptimizerMask(self, optimizer, state)
+        self._optimizer_masks.append(mask)
+        return mask
+
     def revert(self) -> nn.Module:
         """Plain torch.nn modules again; parameters keep their trained values."""
         if self._lazy_hook is not None:
             self._lazy_hook.remove()
             self._lazy_hook = None
+        if self._shape_hook is not None:
+            self._shape_hook.remove()
+            self._shape_hook = None
+        for mask in list(self._optimizer_masks):
+            mask.remove()
         for p in self.model.parameters():
             p.requires_grad_(True)
         return unswap_modules(self.model)
