@@ -1,0 +1,282 @@
+"""Training-step benchmarks (forward + backward + SGD step): TraDy against full
+fine-tuning, plain PyTorch freezing by ``requires_grad``, the paper's masked-gradient
+simulation and classifier-only (see _train_bench.py).
+
+    pytest bench/test_bench_train_step.py --benchmark-disable   # smoke: tiny model, once
+    pytest bench/test_bench_train_step.py --benchmark-only      # MbV2-w0.35 128x128 batch 32
+
+Every configuration measures the bytes saved for backward and stores them, with the cost
+model's figure, in the benchmark's ``extra_info``; TraDy's measured bytes must equal the
+cost model (smoke: exactly; real sizes: within 5 %) and, at the paper's setting, lie at
+least 40x below full fine-tuning's. Peak process RSS needs a fresh process per
+configuration: ``python bench/train_step_table.py`` makes that table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _bench_env import REPO_ROOT, synced
+from _train_bench import (METHODS, config_key, configs, find_max_batch, is_oom, make_setup)
+
+BENCH = Path(__file__).resolve().parent
+
+
+def _configs(size: str) -> list[dict]:
+    if size == "tiny":
+        return configs("tiny", (2,), levels=("small",))
+    if size == "cpu":
+        return configs("mbv2", (32,))
+    backends = ("auto", "reference")
+    return (configs("mbv2", (32,), trady_backends=backends)
+            + configs("mbv2", (256,))
+            + configs("lite0", (32,), trady_backends=backends))
+
+
+def pytest_generate_tests(metafunc):
+    if "tcfg" in metafunc.fixturenames:
+        cfgs = _configs(metafunc.config._trady_bench_size)
+        metafunc.parametrize("tcfg", cfgs, ids=[config_key(c).replace("|", "-") for c in cfgs])
+
+
+_full_saved: dict = {}
+
+
+def test_train_step(benchmark, tcfg, bench_device, size):
+    setup = make_setup(tcfg, bench_device)
+    saved = setup.measure_saved()
+    analytic = setup.analytic()
+    info = dict(setup.describe(), saved_bytes=saved,
+                **{k: v for k, v in analytic.items() if not isinstance(v, dict)})
+    if bench_device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        setup.step()
+        torch.cuda.synchronize()
+        info["peak_bytes"] = torch.cuda.max_memory_allocated()
+    benchmark.group = f"train step {tcfg['model']} batch {tcfg['batch']}"
+    benchmark.extra_info.update(info)
+    key = (tcfg["model"], tcfg["batch"])
+    if tcfg["method"] == "full":
+        _full_saved[key] = saved
+    if tcfg["method"] == "trady":
+        model = analytic["cost_model_bytes"]
+        if size == "tiny":
+            assert saved == model
+        else:
+            assert abs(saved - model) <= 0.05 * model, (saved, model)
+        if key in _full_saved and tcfg["model"] == "mbv2" and tcfg["budget"] == "small":
+            assert _full_saved[key] >= 40 * saved, (_full_saved[key], saved)
+    benchmark(synced(setup.step, bench_device))
+
+
+# ---------------------------------------------------------------------- smoke assertions
+def _measure(method, level="small", spec="tiny", batch=2):
+    setup = make_setup({"model": spec, "method": method, "budget": level, "batch": batch},
+                       "cpu")
+    return setup.measure_saved(), setup.analytic(), setup
+
+
+@pytest.mark.parametrize("level", ["small", "large"])
+def test_trady_saved_bytes_equal_the_cost_model(level):
+    saved, analytic, setup = _measure("trady", level)
+    assert saved > 0
+    assert saved == analytic["cost_model_bytes"] == setup.controller.saved_bytes(2)["total"]
+
+
+def test_trady_saves_far_less_than_full_and_plain_freezing():
+    full, full_a, _ = _measure("full", None)
+    trady, _, _ = _measure("trady")
+    frozen, _, _ = _measure("frozen")
+    simulation, _, _ = _measure("simulation")
+    classifier, classifier_a, _ = _measure("classifier", None)
+    # at 32x32, batch 2: full ~1.30 MiB, TraDy ~0.033 MiB (39x)
+    assert full >= 20 * trady, (full, trady)
+    assert full >= full_a["conv_linear_inputs_bytes"]      # plain PyTorch keeps more
+    assert frozen >= 10 * trady and simulation >= 10 * trady
+    assert classifier == classifier_a["cost_model_bytes"]  # the classifier input only
+    assert classifier < trady
+
+
+def test_all_methods_train_what_they_should():
+    """Which parameters get a (non-zero) gradient, and where inside the drawn layers."""
+    for method in METHODS:
+        _, _, setup = _measure(method, None if method in ("full", "classifier") else "small")
+        setup.step()      # gradients stay on the parameters until the next step
+        grads = {n: p.grad for n, p in setup.model.named_parameters() if p.grad is not None}
+        assert "classifier.weight" in grads, method
+        if method == "full":
+            assert len(grads) == len(list(setup.model.parameters()))
+        elif method == "classifier":
+            assert set(grads) == {"classifier.weight", "classifier.bias"}
+        else:
+            allowed = {f"{n}.weight" for n in setup.selection} | {"classifier.weight",
+                                                                   "classifier.bias"}
+            assert set(grads) == allowed, method
+        if method in ("simulation", "trady"):   # only the drawn input channels get gradient
+            nonzero = 0
+            for name, idx in setup.selection.items():
+                m = setup.model.get_submodule(name)
+                g = grads[f"{name}.weight"].abs()
+                per_channel = g.sum(dim=(1, 2, 3)) if m.groups > 1 else g.sum(dim=(0, 2, 3))
+                outside = torch.ones_like(per_channel, dtype=torch.bool)
+                outside[idx] = False
+                assert torch.all(per_channel[outside] == 0), (method, name)
+                nonzero += bool(torch.any(per_channel[idx] != 0))   # (a dead ReLU6 gives 0)
+            assert nonzero >= len(setup.selection) // 2, (method, nonzero)
+
+
+def test_find_max_batch_bisects_to_the_threshold():
+    for threshold in (1, 7, 8, 100, 1000, 5000):
+        r = find_max_batch(lambda b: b <= threshold, start=8, limit=1 << 15, rel_tol=1 / 16)
+        assert r["max_batch"] <= threshold
+        assert threshold - r["max_batch"] <= max(1, threshold // 16)
+        assert r["limited_by"] is None
+    r = find_max_batch(lambda b: True, start=8, limit=64)
+    assert r["max_batch"] == 64 and r["limited_by"] == "limit"
+    r = find_max_batch(lambda b: 0 / 0, start=8)
+    assert r["max_batch"] == 0 and r["limited_by"].startswith("error: ZeroDivisionError")
+    r = find_max_batch(lambda b: True, start=8, deadline=-1.0, clock=lambda: 0.0)
+    assert r["max_batch"] == 0 and r["limited_by"] == "time"
+
+
+def test_is_oom_recognises_allocator_failures():
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_oom(ValueError("idx: values must lie in [0, 8)"))
+
+
+# ---------------------------------------------------------------------- scripts
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]]
+                                                            if env.get("PYTHONPATH") else []))
+    return env
+
+
+def test_run_gpu_script_dry_run_on_cpu(tmp_path):
+    """The GPU script's whole pipeline (worker, JSONL, rendering) on tiny shapes on CPU."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_bench.py"), "--device", "cpu",
+                           "--mode", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert not results["errors"], results["errors"]
+    assert len(results["kernels"]) == 8 and len(results["train_step"]) == 5
+    trady = [r for r in results["train_step"] if r["method"] == "trady"]
+    assert trady[0]["saved_bytes"] == trady[0]["cost_model_bytes"]
+    md = (out / "results.md").read_text()
+    assert "### Training step" in md and "### Masked weight gradient" in md
+    assert proc.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])   # the table last
+
+
+def test_kernel_shim_without_an_install(tmp_path):
+    """With only the repository on the path (as on the GPU machine), the top-level
+    kernels/ folder is importable as trady_triton.kernels through bench's shim."""
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    code = ("import sys; sys.path.insert(0, %r); import _bench_env as e; m, err = e.ensure_kernels();"
+            "assert err is None, err; import trady_triton.kernels as k; assert k is m;"
+            "print(sorted(n for n in e.KERNEL_API if callable(getattr(k, n, None))))"
+            % str(BENCH))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = site          # no .pth processing under -S: no editable finder
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compact_channels" in proc.stdout
+
+
+def test_results_md_has_the_sections_the_scripts_fill():
+    text = (BENCH / "RESULTS.md").read_text()
+    for name in ("cpu-train-step", "cpu-kernels", "gpu"):
+        assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text
+
+
+def test_run_gpu_script_survives_a_crash_and_a_hang(tmp_path):
+    """A hard crash in one case: the worker restarts and skips it. A hang: the global time
+    guard kills the worker and the results written so far are kept."""
+    out = tmp_path / "crash"
+    env = _env()
+    env["TRADY_BENCH_CRASH_ON"] = "compact|tiny.a"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_bench.py"), "--device", "cpu",
+                           "--mode", "tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    crashed = [e for e in results["errors"] if e.get("status") == "crashed"]
+    assert [e["key"] for e in crashed] == ["kernels_core|compact|tiny.a|2|float32|0.3"]
+    assert results["run"]["restarts"] == 1
+    assert len(results["kernels"]) == 7 and len(results["train_step"]) == 5
+
+    out = tmp_path / "hang"
+    env = _env()
+    env["TRADY_BENCH_HANG_ON"] = "kernels_core|wgrad|tiny.conv"
+    proc = subprocess.run([sys.executable, str(BENCH / "run_bench.py"), "--device", "cpu",
+                           "--mode", "tiny", "--out", str(out), "--budget-s", "12",
+                           "--grace-s", "1"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["wall_s"] < 12 + 1 + 10
+    assert "killed" in str(results["run"]["worker_rc"])
+    assert results["ceilings"] and not results["train_step"]
+    crashed = [e["key"] for e in results["errors"] if e.get("status") == "crashed"]
+    assert crashed == ["kernels_core|wgrad|tiny.conv|2|float32|0.3"]
+    assert "### Machine" in proc.stdout
+
+
+def test_max_batch_search_glue_with_a_simulated_memory_cap(monkeypatch):
+    """run_bench.run_max_batch end to end on CPU, the CUDA calls replaced by stand-ins
+    and an allocator that fails above batch 37."""
+    import run_bench
+    import _train_bench
+
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    original = _train_bench.StepSetup.step
+
+    def step(self):
+        if self.batch > 37:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return original(self)
+
+    monkeypatch.setattr(_train_bench.StepSetup, "step", step)
+    item = {"model": "tiny", "method": "trady", "budget": "small", "batch": 8,
+            "backend": "auto"}
+    import time as _time
+    res = run_bench.run_max_batch(item, "cpu", 2.0, _time.time() + 60, "full")
+    assert 35 <= res["max_batch"] <= 37 and res["first_fail"] > 37
+    assert res["method"] == "trady" and res["limited_by"] is None
+
+
+def test_pinned_autotune_pins_and_restores_the_kernels_autotuners():
+    """(In a subprocess without TRITON_INTERPRET, where the kernels define autotuners.)"""
+    code = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import _bench_env as e; k, err = e.ensure_kernels(); assert err is None, err\n"
+        "from triton.runtime.autotuner import Autotuner\n"
+        "import _train_bench as t\n"
+        "tuners = [o for n, m in list(sys.modules.items()) if n.startswith('trady_triton.kernels')"
+        " and m for o in vars(m).values() if isinstance(o, Autotuner)]\n"
+        "before = {id(a): len(a.configs) for a in tuners}\n"
+        "with t.pinned_autotune() as n:\n"
+        "    assert n == len({id(a) for a in tuners if before[id(a)] > 1}) > 0, n\n"
+        "    assert all(len(a.configs) == 1 for a in tuners)\n"
+        "assert {id(a): len(a.configs) for a in tuners} == before\n"
+        "print('pinned', n)\n" % str(BENCH))
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pinned" in proc.stdout
