@@ -16,6 +16,7 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,6 +91,8 @@ def _bit_weights(device: torch.device) -> Tensor:
 def pack_mask(passes: Tensor) -> Tensor:
     """Pack a boolean tensor into ``ceil(numel / 8)`` bytes (little bit order)."""
     flat = passes.reshape(-1)
+    if flat.device.type == "cpu":   # numpy's packbits is one C loop: the CPU hot path
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -99,6 +102,9 @@ def pack_mask(passes: Tensor) -> Tensor:
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_mask`: a flat bool tensor of ``numel`` elements."""
+    if packed.device.type == "cpu":
+        bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
     bits = (packed.to(torch.int32)[:, None] & _bit_weights(packed.device)) != 0
     return bits.reshape(-1)[:numel]
 
