@@ -1,0 +1,19 @@
+# --- Triton kernels (tests/test_kernels_*.py) -------------------------------------------
+# Without a CUDA device the Triton kernels run in Triton's interpreter on the CPU.
+# TRITON_INTERPRET must be set before any module that defines kernels is imported,
+# hence here, at the very top of the first conftest.
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests put their tensors: cuda if present, else cpu (interpreter)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+# --- end of the Triton kernel section ----------------------------------------------------
