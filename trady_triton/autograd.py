@@ -156,11 +156,15 @@ class FrozenLinear(Function):
         return grad_y @ _as(weight, grad_y.dtype), None, grad_b
 
 
+def frozen_bn_scale(weight, running_var, eps):
+    """Per-channel scale of a BatchNorm with frozen statistics (backward needs only this)."""
+    scale = torch.rsqrt(running_var + eps)
+    return scale if weight is None else scale * weight
+
+
 def frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps):
     """Per-channel (scale, shift) of a BatchNorm with frozen statistics."""
-    scale = torch.rsqrt(running_var + eps)
-    if weight is not None:
-        scale = scale * weight
+    scale = frozen_bn_scale(weight, running_var, eps)
     shift = -running_mean * scale
     if bias is not None:
         shift = shift + bias
@@ -188,9 +192,7 @@ class FrozenAffine(Function):
     @staticmethod
     def backward(ctx, grad_y):
         weight, running_var = ctx.saved_tensors
-        scale = torch.rsqrt(running_var + ctx.eps)
-        if weight is not None:
-            scale = scale * weight
+        scale = frozen_bn_scale(weight, running_var, ctx.eps)
         return grad_y * _per_channel(scale.to(grad_y.dtype), grad_y.dim()), None, None, None, None, None
 
 
@@ -235,9 +237,7 @@ class FusedAffineClamp(Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_compact):
         packed, weight, running_var = ctx.saved_tensors
-        scale = torch.rsqrt(running_var + ctx.eps)
-        if weight is not None:
-            scale = scale * weight
+        scale = frozen_bn_scale(weight, running_var, ctx.eps)
         grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
         return (grad * _per_channel(scale.to(grad.dtype), grad.dim()),
                 None, None, None, None, None, None, None)
