@@ -91,7 +91,8 @@ def _bit_weights(device: torch.device) -> Tensor:
 def pack_mask(passes: Tensor) -> Tensor:
     """Pack a boolean tensor into ``ceil(numel / 8)`` bytes (little bit order)."""
     flat = passes.reshape(-1)
-    if flat.device.type == "cpu":   # numpy's packbits is one C loop: the CPU hot path
+    # numpy's packbits is one C loop, the CPU hot path; torch.compile cannot trace it.
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
         return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
     pad = (-flat.numel()) % 8
     if pad:
@@ -102,7 +103,7 @@ def pack_mask(passes: Tensor) -> Tensor:
 
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_mask`: a flat bool tensor of ``numel`` elements."""
-    if packed.device.type == "cpu":
+    if packed.device.type == "cpu" and not torch.compiler.is_compiling():
         bits = np.unpackbits(packed.numpy(), count=numel, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
     bits = (packed.to(torch.int32)[:, None] & _bit_weights(packed.device)) != 0
