@@ -1,0 +1,507 @@
+"""``trady-experiments``: policy x budget x seed sweeps, learning-rate search, summary table.
+
+    trady-experiments sweep --models mcunet-in1 efficientnet-lite0 \\
+        --data digits fashion-mnist --out runs/sweep          # resumable: re-run to continue
+    trady-experiments summarize runs/sweep --markdown docs/results/table.md \\
+        --json docs/results/summary.json
+    trady-experiments tune-lr --models mcunet-in1 efficientnet-lite0 \\
+        --data digits fashion-mnist --out runs/lr-search --json docs/results/lr_search.json
+
+Each run is one :func:`trady_triton.train.finetune` in this process, writing
+``OUT/MODEL/DATA/POLICY_BUDGET_sSEED/record.json`` (one JSON per run). A run whose record
+says "complete" is skipped; an interrupted one resumes from its checkpoint. The
+budget-free policies (classifier-only, full) run once per seed, not once per budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import progress
+from .presets import BUDGET_LEVELS, BUDGETLESS_POLICIES, DEFAULT_PRESET, PRESETS
+from .sampling import POLICIES, get_policy
+
+PROG = "trady-experiments"
+SWEEP_POLICIES = ("d-topk", "s-topk", "d-fullrandom", "s-fullrandom", "d-detrgn", "s-detrgn",
+                  "classifier-only", "full")
+NO_BUDGET = "none"
+SUMMARY_FORMAT = "trady-sweep-summary"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    data: str
+    policy: str
+    budget: str
+    seed: int
+    lr: float | None = None
+
+    @property
+    def budget_label(self) -> str:
+        return NO_BUDGET if self.policy in BUDGETLESS_POLICIES else self.budget
+
+    def path(self, root: Path) -> Path:
+        data = self.data.replace(":", "_").replace("/", "_")
+        lr = "" if self.lr is None else f"_lr{self.lr:g}"
+        return root / self.model / data / f"{self.policy}_{self.budget_label}{lr}_s{self.seed}"
+
+
+def plan(models, datasets, policies, budgets, seeds, lrs=(None,)) -> list[Job]:
+    """Every run of a sweep, seed-major so that a partial sweep has whole seeds."""
+    jobs, seen = [], set()
+    for model in models:
+        for data in datasets:
+            for seed in seeds:
+                for budget in budgets:
+                    for policy in policies:
+                        policy = get_policy(policy).name
+                        for lr in lrs:
+                            job = Job(model, data, policy,
+                                      NO_BUDGET if policy in BUDGETLESS_POLICIES else budget,
+                                      seed, lr)
+                            if job not in seen:
+                                seen.add(job)
+                                jobs.append(job)
+    return jobs
+
+
+def _status(path: Path) -> str | None:
+    record = path / "record.json"
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_jobs(jobs: list[Job], root: Path, *, preset: str = DEFAULT_PRESET, threads: int | None = 1,
+             eval_on: str = "test", extra: dict | None = None, log=print,
+             command: str | None = None) -> dict:
+    """Run (or skip, or resume) every job; returns counts of done / skipped / failed."""
+    from .train import CHECKPOINT_FILE, RunConfig, finetune
+
+    counts = {"run": 0, "skipped": 0, "failed": 0}
+    started = time.perf_counter()
+    for index, job in enumerate(jobs, 1):
+        out = job.path(root)
+        tag = (f"[{index}/{len(jobs)}] {job.model} {job.data} {job.policy} {job.budget_label}"
+               f"{'' if job.lr is None else f' lr {job.lr:g}'} seed {job.seed}")
+        if _status(out) == "complete":
+            counts["skipped"] += 1
+            continue
+        config = RunConfig(model=job.model, data=job.data, policy=job.policy,
+                           budget=job.budget if job.policy not in BUDGETLESS_POLICIES else "small",
+                           seed=job.seed, preset=preset, lr=job.lr, eval_on=eval_on,
+                           threads=threads, **(extra or {}))
+        resume = (out / CHECKPOINT_FILE).is_file()
+        tick = time.perf_counter()
+        try:
+            record = finetune(config, out, resume=resume, command=command,
+                              keep_checkpoint=False)
+        except KeyboardInterrupt:
+            log(f"{tag}: interrupted; re-run the same command to continue")
+            raise
+        except Exception as error:   # one failed run must not stop a long sweep
+            counts["failed"] += 1
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+            log(f"{tag}: FAILED {type(error).__name__}: {error}")
+            continue
+        counts["run"] += 1
+        final = record["final"]
+        log(f"{tag}: {final['eval_split']} acc {100 * final['eval_accuracy']:.2f}% "
+            f"({time.perf_counter() - tick:.1f}s{', resumed' if resume else ''}; "
+            f"elapsed {time.perf_counter() - started:.0f}s)")
+    return counts
+
+
+# ------------------------------------------------------------------------- reading results
+
+def load_records(root: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(root).rglob("record.json")):
+        if path.parent.name == "full-baseline":
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("status") == "complete":
+            records.append(record)
+    return records
+
+
+def _budget_label(record: dict) -> str:
+    return NO_BUDGET if get_policy(record["config"]["policy"]).name in BUDGETLESS_POLICIES \
+        else record["config"]["budget"]
+
+
+def _spread(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def summarize_records(records: list[dict]) -> dict:
+    """Mean and spread over seeds per (model, data, policy, budget), plus paired differences."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (r["config"]["model"], r["config"]["data"], get_policy(r["config"]["policy"]).name,
+               _budget_label(r))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (model, data, policy, budget), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["config"]["seed"])
+        last = [r["epochs"][-1] for r in rs]
+        rows.append({
+            "model": model, "data": data, "policy": policy, "budget": budget,
+            "seeds": [r["config"]["seed"] for r in rs],
+            "accuracy": _spread([r["final"]["eval_accuracy"] for r in rs]),
+            "accuracy_per_seed": [r["final"]["eval_accuracy"] for r in rs],
+            "budget_units": rs[0]["model"]["budget_units"],
+            "full_units": rs[0]["model"]["full_units"],
+            "budget_fraction": rs[0]["model"]["budget_fraction"],
+            "selected_units": _spread([e["selected_units"] for e in last])["mean"],
+            "channels_drawn": _spread([e["channels_drawn"] for r in rs for e in r["epochs"]])["mean"],
+            "weight_sparsity": _spread([r["final"]["mean_weight_sparsity"] for r in rs])["mean"],
+            "activation_sparsity": _spread([r["final"]["mean_activation_sparsity"] for r in rs])["mean"],
+            "weight_grad_flops_saved": _spread([r["final"]["mean_weight_grad_flops_saved"]
+                                                for r in rs])["mean"],
+            "saved_bytes_measured": _spread([r["final"]["saved_bytes_measured"] for r in rs])["mean"],
+            "saved_bytes_match": all(r["final"]["saved_bytes_match_all_epochs"] for r in rs),
+            "plain_full_finetune_bytes": rs[0]["memory"]["plain_full_finetune_measured_bytes"],
+            "lr": rs[0]["settings"]["lr"], "lr_source": rs[0]["settings"]["lr_source"],
+            "wall_s": _spread([r["final"]["wall_s"] for r in rs])["mean"],
+            "diverged_seeds": sum(1 for r in rs if r["final"]["diverged"]),
+            "preset": rs[0]["settings"]["preset"], "resolution": rs[0]["settings"]["resolution"],
+            "train_size": rs[0]["data"]["train_size"], "eval_size": rs[0]["data"]["eval_size"],
+            "epochs": rs[0]["settings"]["epochs"],
+            "top_k": rs[0]["model"]["ranking"].get("top_k"),
+            "ranking_key": rs[0]["model"]["ranking"].get("key"),
+        })
+    by_key = {(r["model"], r["data"], r["policy"], r["budget"]): r for r in rows}
+    comparisons = []
+    pairs = (("d-topk", "s-topk"), ("d-topk", "d-fullrandom"), ("d-fullrandom", "s-fullrandom"),
+             ("d-detrgn", "s-detrgn"), ("d-topk", "d-detrgn"))
+
+    def budget_order(budget: str):
+        return (BUDGET_LEVELS.index(budget), "") if budget in BUDGET_LEVELS else (99, budget)
+
+    keys = sorted({(m, d) for m, d, _, _ in by_key})
+    budgets = sorted({b for _, _, _, b in by_key}, key=budget_order)
+    for (model, data), (a, b), budget in ((md, pair, bud) for md in keys for pair in pairs
+                                          for bud in budgets):
+        if (model, data, a, budget) not in by_key or (model, data, b, budget) not in by_key:
+            continue
+        acc_a = dict(zip(by_key[(model, data, a, budget)]["seeds"],
+                         by_key[(model, data, a, budget)]["accuracy_per_seed"]))
+        acc_b = dict(zip(by_key[(model, data, b, budget)]["seeds"],
+                         by_key[(model, data, b, budget)]["accuracy_per_seed"]))
+        common = sorted(set(acc_a) & set(acc_b))
+        diffs = [acc_a[s] - acc_b[s] for s in common]
+        comparisons.append({"model": model, "data": data, "budget": budget, "a": a, "b": b,
+                            "seeds": common, "diff": _spread(diffs),
+                            "wins": sum(d > 0 for d in diffs),
+                            "ties": sum(d == 0 for d in diffs)})
+    return {"format": SUMMARY_FORMAT, "version": 1, "runs": len(records), "rows": rows,
+            "comparisons": comparisons}
+
+
+def compact_record(record: dict) -> dict:
+    """One line per run for committing: settings, final figures, per-epoch curves."""
+    epochs = record["epochs"]
+    return {
+        "model": record["config"]["model"], "data": record["config"]["data"],
+        "policy": get_policy(record["config"]["policy"]).name, "budget": _budget_label(record),
+        "seed": record["config"]["seed"], "lr": record["settings"]["lr"],
+        "budget_units": record["model"]["budget_units"], "full_units": record["model"]["full_units"],
+        "final": record["final"],
+        "eval_accuracy": [e["eval_accuracy"] for e in epochs],
+        "train_loss": [e["train_loss"] for e in epochs],
+        "channels_drawn": [e["channels_drawn"] for e in epochs],
+        "layers_trained": [e["layers_trained"] for e in epochs],
+        "draw_digest": [e["draw_digest"] for e in epochs],
+        "saved_bytes_measured": [e["saved_bytes_measured"] for e in epochs],
+        "epoch_wall_s": [e["wall_s"] for e in epochs],
+    }
+
+
+def _cell(spread: dict) -> str:
+    if not spread.get("n"):
+        return "-"
+    if spread["n"] == 1:
+        return f"{100 * spread['mean']:.1f}"
+    return f"{100 * spread['mean']:.1f} ± {100 * spread['std']:.1f}"
+
+
+def format_markdown(summary: dict) -> str:
+    """Tables per (model, data): policies x budgets, mean ± std (over seeds) top-1 %."""
+    rows = summary["rows"]
+    lines = []
+    for model, data in sorted({(r["model"], r["data"]) for r in rows}):
+        sub = [r for r in rows if r["model"] == model and r["data"] == data]
+        budgets = [b for b in BUDGET_LEVELS if any(r["budget"] == b for r in sub)]
+        budgets += sorted({r["budget"] for r in sub} - set(budgets) - {NO_BUDGET})
+        any_row = sub[0]
+        lines.append(f"### {model} on {data}")
+        lines.append("")
+        lines.append(f"{any_row['resolution']}x{any_row['resolution']}, {any_row['train_size']} "
+                     f"training / {any_row['eval_size']} test images, {any_row['epochs']} epochs, "
+                     f"preset {any_row['preset']}; top-1 test accuracy % after the last epoch, "
+                     f"mean ± sample std over seeds (n = number of seeds); in brackets the "
+                     f"learning rate.")
+        lines.append("")
+        header = ["policy"]
+        for b in budgets:
+            units = next((r for r in sub if r["budget"] == b), None)
+            header.append(f"{b} ({units['budget_units']:,} u = "
+                          f"{100 * units['budget_fraction']:.2f}%)" if units else b)
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        order = [p for p in SWEEP_POLICIES if any(r["policy"] == p for r in sub)]
+        for policy in order:
+            cells = [policy]
+            for b in budgets:
+                row = next((r for r in sub if r["policy"] == policy and
+                            r["budget"] in (b, NO_BUDGET)), None)
+                if row is None:
+                    cells.append("-")
+                    continue
+                text = f"{_cell(row['accuracy'])} (n={row['accuracy']['n']}, lr {row['lr']:g})"
+                if row["diverged_seeds"]:
+                    text += f", {row['diverged_seeds']} diverged"
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Memory and compute per budget (mean over policies' seeds; classifier excluded "
+                     "from units and sparsities; saved bytes = measured bytes autograd keeps for "
+                     "backward at batch 32, which equal the cost model's in every run "
+                     f"{'(checked)' if all(r['saved_bytes_match'] for r in sub) else '(NOT all equal: see JSON)'}):")
+        lines.append("")
+        lines.append("| policy | budget | channels drawn | act. sparsity % | W sparsity % | "
+                     "dW FLOPs saved % | saved for backward MiB | vs plain full FT |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for row in sorted(sub, key=lambda r: (order.index(r["policy"]), r["budget"])):
+            lines.append(
+                f"| {row['policy']} | {row['budget']} | {row['channels_drawn']:.0f} | "
+                f"{100 * row['activation_sparsity']:.1f} | {100 * row['weight_sparsity']:.1f} | "
+                f"{100 * row['weight_grad_flops_saved']:.1f} | "
+                f"{row['saved_bytes_measured'] / 2 ** 20:.3f} | "
+                f"{100 * row['saved_bytes_measured'] / row['plain_full_finetune_bytes']:.1f}% |")
+        lines.append("")
+    comps = summary["comparisons"]
+    if comps:
+        lines.append("### Paired differences (same seed), accuracy points")
+        lines.append("")
+        lines.append("| model | data | budget | comparison | mean diff ± std | wins / seeds |")
+        lines.append("|---|---|---|---|---|---|")
+        for c in comps:
+            d = c["diff"]
+            if not d.get("n"):
+                continue
+            lines.append(f"| {c['model']} | {c['data']} | {c['budget']} | {c['a']} − {c['b']} | "
+                         f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | "
+                         f"{c['wins']} / {d['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- learning rates
+
+def choose_lrs(records: list[dict]) -> dict:
+    """Per (model, policy): the grid rate with the best validation accuracy, averaged over
+    data sets (and seeds); ties go to the smaller rate."""
+    table: dict[tuple, dict[float, list[float]]] = {}
+    per_data: dict[tuple, dict] = {}
+    for r in records:
+        if r["settings"]["lr_source"] != "given (--lr)" or r["data"]["eval_split"] != "val":
+            continue
+        model, policy = r["config"]["model"], get_policy(r["config"]["policy"]).name
+        lr = r["settings"]["lr"]
+        table.setdefault((model, policy), {}).setdefault(lr, []).append(r["final"]["eval_accuracy"])
+        per_data.setdefault((model, policy), {}).setdefault(r["config"]["data"], {})[str(lr)] = \
+            r["final"]["eval_accuracy"]
+    chosen: dict[str, dict[str, float]] = {}
+    detail = []
+    for (model, policy), by_lr in sorted(table.items()):
+        means = {lr: statistics.fmean(v) for lr, v in by_lr.items()}
+        best = max(sorted(means), key=lambda lr: (round(means[lr], 12), -lr))
+        chosen.setdefault(model, {})[policy] = best
+        detail.append({"model": model, "policy": policy, "chosen": best,
+                       "mean_val_accuracy": {str(k): v for k, v in sorted(means.items())},
+                       "val_accuracy_per_data": per_data[(model, policy)]})
+    return {"chosen": chosen, "detail": detail}
+
+
+# ------------------------------------------------------------------------- command line
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    from .models import MODEL_NAMES
+    parser.add_argument("--models", nargs="+", default=["mcunet-in1", "efficientnet-lite0"],
+                        choices=MODEL_NAMES, metavar="NAME",
+                        help=f"backbones (default mcunet-in1 efficientnet-lite0; allowed: "
+                        f"{', '.join(MODEL_NAMES)})")
+    parser.add_argument("--data", nargs="+", default=["digits", "fashion-mnist"], metavar="NAME",
+                        help="data sets (default digits fashion-mnist; any name trady-finetune "
+                        "accepts)")
+    parser.add_argument("--policies", nargs="+", default=list(SWEEP_POLICIES),
+                        choices=tuple(POLICIES) + ("trady",), metavar="NAME",
+                        help="policies (default: all 8: " + " ".join(SWEEP_POLICIES) + ")")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS),
+                        help=f"training preset (default {DEFAULT_PRESET})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (default 1: steadier on a shared CPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    over = parser.add_argument_group("overrides of the preset (smoke runs)")
+    for flag, what in (("--epochs", "epochs"), ("--resolution", "input size"),
+                       ("--train-subset", "training images"), ("--test-subset", "test images"),
+                       ("--val-subset", "validation images (tune-lr)"),
+                       ("--max-batches", "batches per epoch"),
+                       ("--score-batches", "batches the DetRGN oracles score on")):
+        over.add_argument(flag, type=int, help=f"{what} (default: the preset's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Sweeps of trady-finetune runs: policies x budgets x seeds (sweep), a "
+        "learning-rate search on a validation split (tune-lr), and the summary table "
+        "(summarize). Sweeps are resumable: re-running the same command skips finished runs "
+        "and resumes interrupted ones from their checkpoints.",
+        epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run policies x budgets x seeds (one JSON per run)",
+                           description="Run every (model, data, policy, budget, seed); "
+                           "classifier-only and full once per seed.")
+    _common(sweep)
+    sweep.add_argument("--budgets", nargs="+", default=list(BUDGET_LEVELS),
+                       help="budgets as trady-finetune --budget takes them (default small medium "
+                       "large: the paper's keep ratios 2.23%% / 5.32%% / 7.48%% at the fast "
+                       "preset's resolution)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                       help="seeds (default 0 1 2)")
+    sweep.add_argument("--lr", type=float,
+                       help="one learning rate for every policy (a control run; default: the "
+                       "preset's per-policy rates)")
+    sweep.add_argument("--out", default="runs/sweep", help="root folder of the runs")
+    sweep.add_argument("--summary", action="store_true",
+                       help="print the summary table when done")
+
+    tune = sub.add_parser("tune-lr", help="choose per-policy learning rates on a validation split",
+                          description="Run each (model, data, policy, lr) once on a validation "
+                          "split held out of the training split (never the test split) and pick "
+                          "per (model, policy) the rate with the best mean validation accuracy "
+                          "over the data sets.")
+    _common(tune)
+    tune.add_argument("--grid", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.05],
+                      help="learning rates tried (default 0.005 0.01 0.02 0.05)")
+    tune.add_argument("--budget", default="medium", help="budget of the search (default medium)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    tune.add_argument("--out", default="runs/lr-search", help="root folder of the runs")
+    tune.add_argument("--json", help="write the chosen rates and the search's figures here")
+
+    summ = sub.add_parser("summarize", help="mean and spread over seeds, as Markdown and JSON")
+    summ.add_argument("root", help="a sweep's --out folder")
+    summ.add_argument("--markdown", help="write the Markdown tables here (default: print)")
+    summ.add_argument("--json", help="write the summary JSON here")
+    summ.add_argument("--runs-jsonl", help="write one compact JSON line per run here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = f"{PROG} " + shlex.join(argv)
+    if args.command == "summarize":
+        records = load_records(Path(args.root))
+        if not records:
+            print(f"{PROG}: error: no complete run records under {args.root}", file=sys.stderr)
+            return 1
+        summary = summarize_records(records)
+        summary["source"] = str(args.root)
+        text = format_markdown(summary)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        if args.runs_jsonl:
+            Path(args.runs_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.runs_jsonl).write_text("".join(
+                json.dumps(compact_record(r), sort_keys=True) + "\n" for r in records))
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(text + "\n")
+        else:
+            print(text)
+        return 0
+
+    progress.set_quiet(args.quiet)
+    from .train import UsageError, check_data_name, resolve, RunConfig
+    try:
+        for data in args.data:
+            check_data_name(data)
+        budgets = args.budgets if args.command == "sweep" else [args.budget]
+        for model in args.models:
+            for budget in budgets:
+                resolve(RunConfig(model=model, budget=budget, preset=args.preset))
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    extra = {key: getattr(args, key) for key in ("epochs", "resolution", "train_subset",
+                                                 "test_subset", "val_subset", "max_batches",
+                                                 "score_batches")
+             if getattr(args, key) is not None}
+    if "epochs" in extra:
+        extra["warmup_epochs"] = min(PRESETS[args.preset].warmup_epochs, extra["epochs"] - 1)
+
+    started = time.perf_counter()
+    try:
+        if args.command == "sweep":
+            jobs = plan(args.models, args.data, args.policies, args.budgets, args.seeds,
+                        lrs=(args.lr,))
+            log(f"{PROG}: {len(jobs)} runs into {args.out} ({command})")
+            counts = run_jobs(jobs, Path(args.out), preset=args.preset, threads=args.threads,
+                              extra=extra, log=log, command=command)
+        else:
+            jobs = plan(args.models, args.data, args.policies, [args.budget], [args.seed],
+                        lrs=args.grid)
+            log(f"{PROG}: {len(jobs)} runs into {args.out} ({command})")
+            counts = run_jobs(jobs, Path(args.out), preset=args.preset, threads=args.threads,
+                              eval_on="val", extra=extra, log=log, command=command)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    log(f"{PROG}: {counts['run']} run, {counts['skipped']} already done, {counts['failed']} "
+        f"failed, {time.perf_counter() - started:.0f}s")
+    if args.command == "tune-lr":
+        chosen = choose_lrs(load_records(Path(args.out)))
+        chosen.update({"command": command, "grid": args.grid, "budget": args.budget,
+                       "seed": args.seed, "preset": args.preset})
+        text = json.dumps(chosen, indent=1)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text + "\n")
+        log(json.dumps(chosen["chosen"], indent=1))
+    elif args.summary:
+        print(format_markdown(summarize_records(load_records(Path(args.out)))))
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":   # pragma: no cover
+    sys.exit(main())
