@@ -529,6 +529,9 @@ def finetune(config: RunConfig, out_dir: str | Path | None = None, *, resume: bo
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
+    if settings.momentum or settings.weight_decay:
+        # momentum and weight decay would move unselected channels: mask the step
+        controller.mask_optimizer(optimizer)
 
     body = [l for l in controller.layers if not l.is_classifier]
     full_units = C.full_units(controller.layers)
