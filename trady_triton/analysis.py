@@ -123,7 +123,7 @@ def proxy_ranking(task: Task, steps: int, batch_size: int = 32, lr: float = 0.02
 def channel_scores_at_start(task: Task, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
                             ) -> dict[str, torch.Tensor]:
     """Channel RGN (Eq. 7) of every body layer at the pretrained point, from the full
-    gradient summed over ``batches`` (``controller.score_channels``, the DetRGN oracle)."""
+    gradient summed over ``batches`` (:func:`score_channels`: what the DetRGN oracle ranks by)."""
     model = task.fresh_model()
     controller = convert(model, policy="full", example_input=batches[0][0],
                          arch=f"{task.model_name}@analysis")

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--batch-size", type=_positive_int, help="images per step")
     how.add_argument("--lr", type=_positive_float,
                      help="learning rate of plain SGD (no momentum, no weight decay); default: "
-                     "the preset's (fast: per policy, chosen on a validation split; paper: 0.125)")
+                     "the preset's (fast: per policy, chosen on a validation split; paper: "
+                     "0.125, the paper's, which diverges on these backbones at CPU scale)")
     how.add_argument("--resolution", type=_positive_int, help="input size in pixels (square)")
     how.add_argument("--train-subset", type=_count_or_all, metavar="N|all",
                      help="train on a class-stratified subset of N images (all: the whole split)")

@@ -196,5 +196,5 @@ def default_pool(layer_names: list[str], arch: str) -> list[str]:
         f"no layer ranking for architecture {arch!r}: drawing channels from all "
         f"{len(layer_names)} layers (TopK = FullRandom). Compute one once with "
         "trady_triton.rank_layers(model, batches, steps) and pass ranking=... to convert().",
-        stacklevel=3)
+        stacklevel=4)
     return list(layer_names)
