@@ -93,3 +93,15 @@ def test_stats_and_report_give_the_sparsities():
     text = controller.report(batch=4, measured_bytes=1234)
     assert "weight-derivative sparsity" in text and "(measured)" in text
     assert controller.classifier in text
+
+
+def test_score_channels_scores_every_channel_of_depthwise_layers():
+    """A depthwise weight is [C, 1, k, k]: every one of its C input channels gets a score."""
+    net, controller = make("d-detrgn")
+    controller.score_channels([(X, torch.tensor([0, 1]))])
+    depthwise = [l for l in controller.layers if l.groups > 1]
+    assert depthwise
+    for layer in depthwise:
+        scores = controller.channel_scores[layer.name]
+        assert scores.shape == (layer.in_channels,)
+        assert (scores > 0).sum() > 1, layer.name

@@ -213,9 +213,10 @@ class TraDyController:
             p.requires_grad_(True)
         saved = {name: self.modules[name].selected_channels for name in grads}
         try:
-            for name in grads:   # full weight gradients, all channels
-                module = self.modules[name]
-                module.selected_channels = torch.arange(module.weight.shape[1],
+            by_name = {l.name: l for l in self.layers}
+            for name in grads:   # full weight gradients, all input channels (not weight.shape[1]:
+                module = self.modules[name]   # that is 1 for a depthwise conv)
+                module.selected_channels = torch.arange(by_name[name].in_channels,
                                                         device=module.weight.device)
             for inputs, targets in batches:
                 full = torch.autograd.grad(loss_fn(self.model(inputs), targets), params)
