@@ -79,6 +79,9 @@ def main():
     if rank == 0 and args.out:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "controller": controller.state_dict()}, args.out)
+    # Both ranks tear gloo down together: a rank leaving while the other still
+    # saves can abort the process ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
