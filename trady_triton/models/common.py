@@ -189,3 +189,16 @@ def conv_memory_units(model: nn.Module, input_size: int = 128) -> dict[str, int]
     activations = sum(act.values())
     return {"convs": len(convs), "weights": weights, "activations": activations,
             "total": weights + activations}
+
+
+def init_mobile_weights(model: nn.Module) -> None:
+    """torchvision's MobileNet initialisation, shared by our MobileNetV2 and EfficientNet-Lite."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from .common import EFFICIENTNET_LITE0_PREPROCESS
+from .common import EFFICIENTNET_LITE0_PREPROCESS, init_mobile_weights
 
 __all__ = ["MBConv", "EfficientNetLite", "efficientnet_lite0", "EFFICIENTNET_LITE0_INSTALL"]
 
@@ -106,18 +106,7 @@ class EfficientNetLite(nn.Module):
         self.arch_name = arch_name
         self.input_size = input_size
         self.preprocess = EFFICIENTNET_LITE0_PREPROCESS
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_mobile_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.flatten(self.pool(self.features(x)))))

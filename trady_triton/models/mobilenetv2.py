@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .common import TINYML_PREPROCESS, make_divisible
+from .common import TINYML_PREPROCESS, make_divisible, init_mobile_weights
 
 __all__ = ["ConvBNReLU", "InvertedResidual", "MobileNetV2", "mobilenetv2_w035"]
 
@@ -97,18 +97,7 @@ class MobileNetV2(nn.Module):
         self.arch_name = arch_name or f"mbv2-w{width_mult:g}-arch"
         self.input_size = input_size
         self.preprocess = TINYML_PREPROCESS
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_mobile_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.flatten(self.pool(self.features(x)))))
