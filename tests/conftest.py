@@ -17,3 +17,12 @@ def device() -> str:
     """Where kernel tests put their tensors: cuda if present, else cpu (interpreter)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 # --- end of the Triton kernel section ----------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes: one torch thread is faster, and the machine's cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

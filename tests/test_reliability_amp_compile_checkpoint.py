@@ -17,13 +17,7 @@ X = torch.randn(8, 3, 15, 13, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is faster, and the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _converted(seed=1, dtype=torch.float32):

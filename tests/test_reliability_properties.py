@@ -34,13 +34,7 @@ TOLERANCE = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-4, 2e-5),
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is faster, and the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dtype_for(backend, dtype):

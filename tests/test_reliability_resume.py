@@ -21,13 +21,7 @@ EXAMPLE = torch.randn(4, 3, 15, 13, generator=torch.Generator().manual_seed(0))
 EPOCHS, STEPS = 3, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is faster, and the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(epoch, step):

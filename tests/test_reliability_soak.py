@@ -21,13 +21,7 @@ STEPS, RESAMPLE_EVERY, WARMUP, BATCH = 300, 10, 60, 8
 RSS_SLACK = 4 * 2 ** 20      # bytes of RSS growth tolerated after warm-up
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny shapes: one thread is faster, and the machine's cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rss() -> int:
