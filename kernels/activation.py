@@ -1,8 +1,13 @@
 """ReLU / ReLU6 forward with a 1-bit mask, optionally fused with a frozen BatchNorm
 affine before it and the compaction of the selected channels after it.
 
-One kernel family, two tilings:
+One kernel family, three tilings:
 
+* ``_act_fwd_rows_kernel`` handles contiguous NCHW when H*W is a multiple of 8 (every
+  MobileNet activation at 128x128 and above): no mask byte straddles two channel rows,
+  so a tile ``[BLOCK_R, 8*BYTES_HW]`` covers whole rows of one channel each. The
+  channel, scale, shift and compact position are then one value per row, and the
+  compact copy is a contiguous run per row: no per-element division or gather.
 * ``_act_fwd_flat_kernel`` walks the tensor in logical (NCHW, row-major) order, so
   each program owns whole mask bytes. For contiguous inputs that is also memory
   order; for other layouts (channels_last with H*W not a multiple of 8) each
@@ -26,9 +31,12 @@ from torch import Tensor
 from . import _checks
 from .compaction import compact_channels
 
-FLAT_BYTES = 512                 # 4096 elements per program
+FLAT_BYTES = 256                 # 2048 elements per program
+ROWS_TILE_BYTES = 256            # rows kernel: BLOCK_R * BYTES_HW mask bytes per program
+# Test hook: run the flat kernel's int64 index path on small tensors too.
+FORCE_INT64_INDEX = False
 CL_TILES = ((16, 32), (32, 16), (64, 8))   # (BLOCK_C, BYTES_HW): 4096 elements
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -36,8 +44,14 @@ def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
                          numel, C, HW, K, s_n, s_c, s_hw, upper,
                          HAS_AFFINE: tl.constexpr, HAS_UPPER: tl.constexpr,
                          HAS_COMPACT: tl.constexpr, STRIDED: tl.constexpr,
-                         BIG_HW: tl.constexpr, BYTES: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+                         BIG_HW: tl.constexpr, INT32_INDEX: tl.constexpr,
+                         BYTES: tl.constexpr):
+    # Index arithmetic in int32 when every offset fits (int32 division is inline,
+    # int64 division a subroutine call: it dominated this memory-bound kernel).
+    if INT32_INDEX:
+        pid = tl.program_id(0)
+    else:
+        pid = tl.program_id(0).to(tl.int64)
     b = pid * BYTES + tl.arange(0, BYTES)                 # mask bytes owned by this program
     j = tl.arange(0, 8)
     f = b[:, None] * 8 + j[None, :]                       # logical NCHW index, [BYTES, 8]
@@ -49,13 +63,13 @@ def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
         c0 = row0 - n0 * C
         rel = (b * 8 - row0 * HW)[:, None] + j[None, :]   # in [0, HW + 8)
         if BIG_HW:                                        # HW >= 8: a byte spans <= 2 rows
-            dr = (rel >= HW).to(tl.int64)
+            dr = (rel >= HW).to(rel.dtype)
         else:
             dr = rel // HW
         hw = rel - dr * HW
         c = c0[:, None] + dr
         if BIG_HW:
-            wrap = (c >= C).to(tl.int64)
+            wrap = (c >= C).to(c.dtype)
         else:
             wrap = c // C
         c = c - wrap * C
@@ -81,9 +95,53 @@ def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
     bits = tl.sum(passes.to(tl.int32) << j[None, :], axis=1)
     tl.store(mask_ptr + b, bits.to(tl.uint8), mask=b * 8 < numel)
     if HAS_COMPACT:
-        k = tl.load(pos_ptr + c, mask=ok, other=-1).to(tl.int64)
+        k = tl.load(pos_ptr + c, mask=ok, other=-1).to(n.dtype)
         tl.store(xc_ptr + (n * K + k) * HW + hw, y.to(xc_ptr.dtype.element_ty),
                  mask=ok & (k >= 0))
+
+
+@triton.jit
+def _act_fwd_rows_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc_ptr,
+                         ROWS, C, HW, K, upper, num_hw_blocks,
+                         HAS_AFFINE: tl.constexpr, HAS_UPPER: tl.constexpr,
+                         HAS_COMPACT: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BYTES_HW: tl.constexpr):
+    # contiguous NCHW, HW % 8 == 0: rows r = n*C + c, tile [BLOCK_R, BYTES_HW, 8].
+    # Row and channel arithmetic in int32 (ROWS = N*C fits; int32 division is inline,
+    # int64 division a subroutine call); element offsets in int64.
+    pid = tl.program_id(0)
+    pid_r = pid // num_hw_blocks
+    pid_h = pid - pid_r * num_hw_blocks
+    r32 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r32 < ROWS
+    n = r32 // C                                          # one division per row
+    c = r32 - n * C
+    r = r32.to(tl.int64)
+    bh = pid_h * BYTES_HW + tl.arange(0, BYTES_HW)       # byte index inside a row
+    j = tl.arange(0, 8)
+    hw = bh[:, None] * 8 + j[None, :]                     # [BYTES_HW, 8]
+    hw3 = hw[None, :, :]
+    ok = r_ok[:, None, None] & (hw3 < HW)
+    off = (r * HW)[:, None, None] + hw3
+    x = tl.load(x_ptr + off, mask=ok, other=0).to(tl.float32)
+    if HAS_AFFINE:
+        sc = tl.load(scale_ptr + c, mask=r_ok, other=0).to(tl.float32)
+        sh = tl.load(shift_ptr + c, mask=r_ok, other=0).to(tl.float32)
+        x = x * sc[:, None, None] + sh[:, None, None]
+    y = tl.where(x <= 0, 0.0, x)
+    if HAS_UPPER:
+        y = tl.where(y >= upper, upper, y)
+        passes = (x > 0) & (x < upper) & ok
+    else:
+        passes = ~(x <= 0) & ok            # NaN passes for ReLU, as in torch's kernels
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
+    bits = tl.sum(passes.to(tl.int32) << j[None, None, :], axis=2)       # [BLOCK_R, BYTES_HW]
+    tl.store(mask_ptr + (r * (HW // 8))[:, None] + bh[None, :], bits.to(tl.uint8),
+             mask=r_ok[:, None] & (bh * 8 < HW)[None, :])
+    if HAS_COMPACT:
+        k = tl.load(pos_ptr + c, mask=r_ok, other=-1).to(tl.int64)
+        dst = ((n.to(tl.int64) * K + k) * HW)[:, None, None] + hw3
+        tl.store(xc_ptr + dst, y.to(xc_ptr.dtype.element_ty), mask=ok & (k >= 0)[:, None, None])
 
 
 @triton.jit
@@ -129,6 +187,12 @@ def _act_fwd_cl_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc
         tl.store(xc_ptr + dst, y.to(xc_ptr.dtype.element_ty), mask=ok & (k >= 0)[:, None, None])
 
 
+def _rows_tile(HW: int) -> tuple[int, int]:
+    """(BLOCK_R, BYTES_HW): whole rows when they fit in a tile, several rows per tile."""
+    bytes_hw = min(ROWS_TILE_BYTES, _checks.next_pow2(HW // 8))
+    return ROWS_TILE_BYTES // bytes_hw, bytes_hw
+
+
 def _cl_tile(C: int) -> tuple[int, int]:
     for bc, bh in CL_TILES:
         if C <= bc:
@@ -150,14 +214,26 @@ def _launch(x: Tensor, y: Tensor, mask: Tensor, scale, shift, pos, xc, upper, K:
     xc_t = xc if has_compact else dummy
     up = 0.0 if upper is None else upper
     flags = dict(HAS_AFFINE=has_affine, HAS_UPPER=upper is not None, HAS_COMPACT=has_compact)
+    # every offset (x, y, mask, compact copy; x's are < numel for these dense layouts)
+    # and the padded byte range fit in int32
+    small = numel + 8 * 8 * FLAT_BYTES <= _checks.INT32_MAX and not FORCE_INT64_INDEX
     if x.is_contiguous():
         if x.dim() == 4:
             C, HW = x.shape[1], x.shape[2] * x.shape[3]
         else:
             C, HW = 1, 1
+        if x.dim() == 4 and HW % 8 == 0 and (has_affine or has_compact):
+            rows = x.shape[0] * C
+            br, bh = _rows_tile(HW)
+            nh = triton.cdiv(HW, 8 * bh)
+            _act_fwd_rows_kernel[(triton.cdiv(rows, br) * nh,)](
+                x, y, mask, scale, shift, pos_t, xc_t, rows, C, HW, K, up, nh,
+                BLOCK_R=br, BYTES_HW=bh, num_warps=NUM_WARPS, **flags)
+            return
         grid = (triton.cdiv(numel, 8 * FLAT_BYTES),)
         _act_fwd_flat_kernel[grid](x, y, mask, scale, shift, pos_t, xc_t, numel, C, HW, K,
                                    0, 0, 0, up, STRIDED=False, BIG_HW=HW >= 8,
+                                   INT32_INDEX=small,
                                    BYTES=FLAT_BYTES, num_warps=NUM_WARPS, **flags)
         return
     # channels_last (checked by the callers): H and W merge into one axis of stride C.
@@ -174,6 +250,7 @@ def _launch(x: Tensor, y: Tensor, mask: Tensor, scale, shift, pos, xc, upper, K:
         grid = (triton.cdiv(numel, 8 * FLAT_BYTES),)
         _act_fwd_flat_kernel[grid](x, y, mask, scale, shift, pos_t, xc_t, numel, C, HW, K,
                                    s_n, 1, C, up, STRIDED=True, BIG_HW=HW >= 8,
+                                   INT32_INDEX=small,
                                    BYTES=FLAT_BYTES, num_warps=NUM_WARPS, **flags)
 
 
@@ -273,19 +350,29 @@ def _compile_specs():
                 "shift_ptr": "*fp32", "pos_ptr": "*i32", "xc_ptr": f"*{dt}"}
         # The constexpr branches are additive: "all on" plus "all off" (and the
         # small-H*W path) compile every line of each kernel.
-        for affine, upper, compact, strided, big in ((True, True, True, True, True),
-                                                     (False, False, False, False, False),
-                                                     (True, False, True, False, False)):
+        for affine, upper, compact, strided, big, small in (
+                (True, True, True, True, True, True), (True, True, True, True, True, False),
+                (False, False, False, False, False, False),
+                (True, False, True, False, False, True)):
             flags = {"HAS_AFFINE": affine, "HAS_UPPER": upper, "HAS_COMPACT": compact}
             sig = dict(base)
             sig.update({n: "i32" for n in ("C", "HW", "K", "s_n", "s_c", "s_hw")})
             sig["numel"] = "i64"
             sig["upper"] = "fp32"
-            sig.update({n: "constexpr" for n in list(flags) + ["STRIDED", "BIG_HW", "BYTES"]})
-            cst = dict(flags, STRIDED=strided, BIG_HW=big, BYTES=FLAT_BYTES)
+            sig.update({n: "constexpr" for n in list(flags) + ["STRIDED", "BIG_HW", "INT32_INDEX",
+                                                                "BYTES"]})
+            cst = dict(flags, STRIDED=strided, BIG_HW=big, INT32_INDEX=small, BYTES=FLAT_BYTES)
             yield _act_fwd_flat_kernel, sig, cst, {"num_warps": NUM_WARPS}
         for affine, upper, compact in ((True, True, True), (False, False, False)):
             flags = {"HAS_AFFINE": affine, "HAS_UPPER": upper, "HAS_COMPACT": compact}
+            for hw in (8, 64, 4096, 8192):          # one tile of each shape _rows_tile makes
+                br, bh = _rows_tile(hw)
+                sig = dict(base)
+                sig.update({n: "i32" for n in ("ROWS", "C", "HW", "K", "num_hw_blocks")})
+                sig["upper"] = "fp32"
+                sig.update({n: "constexpr" for n in list(flags) + ["BLOCK_R", "BYTES_HW"]})
+                cst = dict(flags, BLOCK_R=br, BYTES_HW=bh)
+                yield _act_fwd_rows_kernel, sig, cst, {"num_warps": NUM_WARPS}
             for bc, bh in CL_TILES:
                 sig = dict(base)
                 sig.update({n: "i32" for n in ("C", "HW", "K", "s_n", "s_hw",

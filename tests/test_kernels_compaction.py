@@ -131,7 +131,10 @@ def _check_fused(x, scale, shift, upper, idx):
                                           ((2, 19, 7, 9), "channels_last"),
                                           ((2, 70, 4, 6), "channels_last"),
                                           ((3, 5, 1, 3), "nchw"), ((3, 5, 1, 3), "channels_last"),
-                                          ((2, 6, 2, 2), "nchw")])
+                                          ((2, 6, 2, 2), "nchw"),
+                                          # H*W % 8 == 0: the rows kernel (several rows
+                                          # per tile; a row over two tiles)
+                                          ((3, 7, 4, 6), "nchw"), ((1, 3, 72, 64), "nchw")])
 @pytest.mark.parametrize("upper", [None, 6.0])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -140,6 +143,17 @@ def test_affine_relu_compact(shape, layout, upper, order, dtype, device):
     scale = rand((shape[1],), dtype, device, seed=1)
     shift = rand((shape[1],), dtype, device, seed=2)
     _check_fused(x, scale, shift, upper, make_idx(order, shape[1], device))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_affine_relu_compact_int64_index_path(layout, device, monkeypatch):
+    """The flat kernel's int64 arithmetic (tensors past 2**31 elements) on a small tensor."""
+    from trady_triton.kernels import activation
+    monkeypatch.setattr(activation, "FORCE_INT64_INDEX", True)
+    x = rand((2, 19, 7, 9), torch.float32, device, layout, scale=4.0)
+    scale = rand((19,), torch.float32, device, seed=1)
+    shift = rand((19,), torch.float32, device, seed=2)
+    _check_fused(x, scale, shift, 6.0, make_idx("shuffled", 19, device))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
