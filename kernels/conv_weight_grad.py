@@ -5,9 +5,13 @@ Implicit GEMM, one kernel tap at a time: for tap ``t = (r, s)``
     dW[o, idx[k], r, s] = sum over l = (n, p, q) of dY[n, o, p, q] * Xc[n, k, h, w],
     h = p * stride_h + r * dil_h - pad_h,  w = q * stride_w + s * dil_w - pad_w,
 
-i.e. ``dY^T [O, L] @ shift_t(Xc) [L, K]``. Putting the tap in the grid (instead of
-in the GEMM's N axis) keeps the per-element index math to one add and one bounds
-test, and multiplies the output tiles by KH*KW. The reduction runs over chunks of
+i.e. ``dY^T [O, L] @ shift_t(Xc) [L, K]``. Two layouts of the taps, both in the
+autotuner's configs: in the grid (one tap per program: KH*KW times the output tiles,
+and dY read once per tap) or in the GEMM's columns (``TAPS_IN_N``: columns are
+(channel, tap) pairs, so dY is read once per tile of K*KH*KW columns; the few kept
+channels of a TraDy layer make this the layout that saves dY traffic). The x offset
+splits into a row part (n, p, q) and a column part (channel, tap), so either layout
+costs one add and a bounds test per element. The reduction runs over chunks of
 one sample, ``BLOCK_L // BI`` output rows and ``BI`` output columns (``BI`` a power
 of two, see ``gemm_weight_grad.inner_block``): no per-element division, and runs
 along W' that Triton sees as contiguous, so NCHW operands load coalesced. The
@@ -38,32 +42,44 @@ def _conv_wgrad_kernel(x_ptr, dy_ptr, idx_ptr, out_ptr,
                        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                        KEY_M, KEY_N, KEY_L,
                        SCATTER: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                       BI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_L: tl.constexpr):
+                       BI: tl.constexpr, TAPS_IN_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     # Reduction chunk: one sample n, BLOCK_L // BI output rows p, BI output columns q.
     # No per-element division, and BI-long runs along q that Triton sees as contiguous.
     RB: tl.constexpr = BLOCK_L // BI
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    # tap fastest: neighbouring programs share the same dY tile (L2 reuse)
-    t = pid % T
-    tile = pid // T
-    num_n = (K + BLOCK_N - 1) // BLOCK_N
-    pid_m = tile // num_n
-    pid_n = tile - pid_m * num_n
+    if TAPS_IN_N:
+        # GEMM columns are (channel, tap) pairs: dY is read once per column tile
+        num_n = (K * T + BLOCK_N - 1) // BLOCK_N
+        pid_m = pid // num_n
+        pid_n = pid - pid_m * num_n
+        col = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = col // T
+        t = col - k * T
+        col_ok = col < K * T
+    else:
+        # one tap per program, tap fastest: neighbours share a dY tile (L2 reuse)
+        t0 = pid % T
+        tile = pid // T
+        num_n = (K + BLOCK_N - 1) // BLOCK_N
+        pid_m = tile // num_n
+        pid_n = tile - pid_m * num_n
+        k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        t = tl.zeros([BLOCK_N], dtype=tl.int32) + t0
+        col_ok = k < K
     r = t // KW
     s = t - r * KW
+    h_off = r * dil_h - pad_h                            # per GEMM column
+    w_off = s * dil_w - pad_w
+    # x offset = row part (n, p, q) + column part (k, tap): separable, one add per element
+    b_col = k.to(tl.int64) * sxk + h_off.to(tl.int64) * sxh + w_off.to(tl.int64) * sxw
     o = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = o < O
-    k_ok = k < K
     a_col = o.to(tl.int64) * sdo
-    b_col = k.to(tl.int64) * sxk
     i = tl.arange(0, BLOCK_L)
     i_row = i // BI
     i_col = i % BI
-    h_off = r * dil_h - pad_h
-    w_off = s * dil_w - pad_w
     # this split's rows (n, p) of the flattened N*P output rows
     r_start = split * R_PER_SPLIT
     r_end = tl.minimum(R, r_start + R_PER_SPLIT)
@@ -83,39 +99,53 @@ def _conv_wgrad_kernel(x_ptr, dy_ptr, idx_ptr, out_ptr,
         p = pb * RB + i_row
         q = qb * BI + i_col
         row = n * P + p
-        p_ok = (p < P) & (row >= r_start) & (row < r_end)
-        q_ok = q < Q
-        h = p * stride_h + h_off
-        w = q * stride_w + w_off
-        x_ok = p_ok & q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        a_p = tl.cast(n, tl.int64) * sdn + p.to(tl.int64) * sdp
-        b_h = tl.cast(n, tl.int64) * sxn + h.to(tl.int64) * sxh
-        a = tl.load(dy_ptr + a_col[:, None] + (a_p + q.to(tl.int64) * sdq)[None, :],
-                    mask=o_ok[:, None] & (p_ok & q_ok)[None, :], other=0.0)
-        b = tl.load(x_ptr + (b_h + w.to(tl.int64) * sxw)[:, None] + b_col[None, :],
-                    mask=x_ok[:, None] & k_ok[None, :], other=0.0)
+        l_ok = (p < P) & (row >= r_start) & (row < r_end) & (q < Q)
+        hp = p * stride_h
+        wq = q * stride_w
+        h = hp[:, None] + h_off[None, :]
+        w = wq[:, None] + w_off[None, :]
+        x_ok = (l_ok[:, None] & col_ok[None, :] & (h >= 0) & (h < H)
+                & (w >= 0) & (w < W))
+        n64 = tl.cast(n, tl.int64)
+        a = tl.load(dy_ptr + a_col[:, None]
+                    + (n64 * sdn + p.to(tl.int64) * sdp + q.to(tl.int64) * sdq)[None, :],
+                    mask=o_ok[:, None] & l_ok[None, :], other=0.0)
+        b_row = n64 * sxn + hp.to(tl.int64) * sxh + wq.to(tl.int64) * sxw
+        b = tl.load(x_ptr + b_row[:, None] + b_col[None, :], mask=x_ok, other=0.0)
         if UPCAST:      # the interpreter's bf16 / fp16 dot is wrong or imprecise
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if SCATTER:
-        c = tl.load(idx_ptr + k, mask=k_ok, other=0).to(tl.int64)
-        k_ok = k_ok & (c >= 0) & (c < C)
-        col = c
-    else:
-        col = k.to(tl.int64)
-    ptrs = out_ptr + split.to(tl.int64) * so_split + t.to(tl.int64) * so_t \
-        + (o.to(tl.int64) * so_o)[:, None] + (col * so_k)[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & k_ok[None, :])
+    if SCATTER:          # dense [O, C, KH, KW] gradient, at the selected channels
+        c = tl.load(idx_ptr + k, mask=col_ok, other=0).to(tl.int64)
+        col_ok = col_ok & (c >= 0) & (c < C)
+    else:                # float32 split-K workspace [split, O, K, T]
+        c = k.to(tl.int64)
+    ptrs = out_ptr + split.to(tl.int64) * so_split + (o.to(tl.int64) * so_o)[:, None] \
+        + (c * so_k + t.to(tl.int64) * so_t)[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_ok[:, None] & col_ok[None, :])
 
 
-def _configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_L": l}, num_warps=w, num_stages=s)
-            for m, n, l, w, s in GPU_CONFIGS]
+# Test hook / override: True puts the taps in the GEMM's column axis, False one tap per
+# program (each with its first configuration); None lets the autotuner pick on a GPU
+# (both layouts are in its configs) and uses taps-in-columns under the interpreter.
+TAPS_IN_N: bool | None = None
+
+
+def _configs(taps_modes=(True, False)):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_L": l, "TAPS_IN_N": taps},
+                          num_warps=w, num_stages=s)
+            for taps in taps_modes for m, n, l, w, s in GPU_CONFIGS]
 
 
 _conv_wgrad_autotuned = None if _checks.INTERPRET else triton.autotune(
     configs=_configs(), key=["KEY_M", "KEY_N", "KEY_L", "T"])(_conv_wgrad_kernel)
+
+
+def _grid_size(O: int, K: int, T: int, meta: dict) -> int:
+    if meta["TAPS_IN_N"]:
+        return triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K * T, meta["BLOCK_N"])
+    return triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]) * T
 
 
 def _launch_conv(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K: int, C: int,
@@ -124,7 +154,7 @@ def _launch_conv(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K: int
     P, Q = dy.shape[2], dy.shape[3]
     T = KH * KW
     R = N * P
-    nominal_tiles = triton.cdiv(O, 64) * triton.cdiv(K, 64) * T
+    nominal_tiles = triton.cdiv(O, 64) * triton.cdiv(K * T, 64)
     split, per = _splitk.choose_split(nominal_tiles, R, Q, out.device, split_k)
     if split == 1:
         target, so = out, (0, C * T, T, 1)                 # dense [O, C, KH, KW]
@@ -136,13 +166,19 @@ def _launch_conv(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K: int
             *x.stride(), *dy.stride(), *so, *stride, *padding, *dilation,
             _checks.next_pow2(O), _checks.next_pow2(K), _checks.next_pow2(per * Q))
     flags = dict(SCATTER=split == 1, PRECISION=_checks.dot_precision(x.dtype), BI=bi)
-    if _conv_wgrad_autotuned is None:
-        cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]) * T, split)
-        _conv_wgrad_kernel[grid](*args, UPCAST=True, **flags, **cfg)
+    if _conv_wgrad_autotuned is None or TAPS_IN_N is not None:
+        # interpreter, or a forced layout: its first plain configuration
+        if _conv_wgrad_autotuned is None:
+            cfg, opts = dict(INTERPRET_CONFIG, TAPS_IN_N=TAPS_IN_N is not False), {}
+        else:
+            c = _configs((TAPS_IN_N,))[0]
+            cfg, opts = dict(c.kwargs), dict(num_warps=c.num_warps, num_stages=c.num_stages)
+        grid = (_grid_size(O, K, T, cfg), split)
+        _conv_wgrad_kernel[grid](*args, UPCAST=_conv_wgrad_autotuned is None, **flags, **cfg,
+                                 **opts)
     else:
         def grid(meta):
-            return (triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]) * T, split)
+            return (_grid_size(O, K, T, meta), split)
         key = ("conv", x.dtype, split == 1, bi, T, *args[-3:], dy.stride(1) == 1)
         _splitk.launch_tuned(_conv_wgrad_autotuned, _conv_wgrad_kernel, grid, key, args,
                              dict(UPCAST=False, **flags))
@@ -261,9 +297,12 @@ def _compile_specs():
                    "out_ptr": f"*{dt if scatter else 'fp32'}"}
             sig.update({n: "i32" for n in sig_ints})
             sig.update({n: "constexpr" for n in ("SCATTER", "UPCAST", "PRECISION", "BI",
-                                                 "BLOCK_M", "BLOCK_N", "BLOCK_L")})
+                                                 "TAPS_IN_N", "BLOCK_M", "BLOCK_N",
+                                                 "BLOCK_L")})
             prec = "tf32x3" if dt == "fp32" else "ieee"
-            for cfg, opts in (gpu if scatter else gpu[:1]):
-                for bi in (INNER_BLOCKS if scatter else INNER_BLOCKS[-1:]):
-                    cst = dict(cfg, SCATTER=scatter, UPCAST=False, PRECISION=prec, BI=bi)
-                    yield _conv_wgrad_kernel, sig, cst, opts
+            for taps in (True, False):
+                for cfg, opts in (gpu if scatter else gpu[:1]):
+                    for bi in (INNER_BLOCKS if scatter else INNER_BLOCKS[-1:]):
+                        cst = dict(cfg, SCATTER=scatter, UPCAST=False, PRECISION=prec, BI=bi,
+                                   TAPS_IN_N=taps)
+                        yield _conv_wgrad_kernel, sig, cst, opts

@@ -94,10 +94,18 @@ CONV_CASES = [
 ]
 
 
+@pytest.fixture(params=[True, False], ids=["taps-in-columns", "tap-per-program"])
+def taps_layout(request, monkeypatch):
+    """Both layouts of the conv kernel's taps (the autotuner picks one on a GPU)."""
+    from trady_triton.kernels import conv_weight_grad
+    monkeypatch.setattr(conv_weight_grad, "TAPS_IN_N", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "k{}s{}p{}d{}".format(*c))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_groups1(case, layout, dtype, device):
+def test_conv_groups1(case, layout, dtype, device, taps_layout):
     kernel, stride, padding, dilation = case
     idx = make_idx("shuffled", 19, device)
     conv_case(2, 19, 9, 11, 37, kernel, stride, padding, dilation, 1, dtype, device, idx,
@@ -115,7 +123,7 @@ def test_conv_groups1_index_orders(order, kernel, dtype, device):
 
 @pytest.mark.parametrize("split_k", [1, 2, 5])
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
-def test_conv_split_k(split_k, kernel, device):
+def test_conv_split_k(split_k, kernel, device, taps_layout):
     # odd split boundaries (198 rows in 2 or 5 parts), mixed layouts of x and dY
     idx = make_idx("shuffled", 19, device)
     pad = (kernel[0] // 2, kernel[1] // 2)
