@@ -203,6 +203,16 @@ def bench_fn(fn, device: str, warmup_ms: float = 10, rep_ms: float = 40) -> dict
             "p80_us": q[7] * 1e6}
 
 
+def bench_graph(fn, rep_ms: float = 40) -> dict:
+    """Device time of ``fn()`` alone, in microseconds: many calls captured in one CUDA graph
+    and replayed (``triton.testing.do_bench_cudagraph``), so no Python or launch overhead
+    and no L2 flush between calls. Beside :func:`bench_fn` it splits a time into what the
+    GPU spends and what the host adds. ``fn`` must not synchronise (no ``.item()``)."""
+    from triton.testing import do_bench_cudagraph
+    med, p20, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median_us": med * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         import torch

@@ -317,9 +317,37 @@ def finish_metrics(rec: dict, ceilings: dict) -> dict:
                     rec[f"vs_{k}"] = trady / us(k)
         if copy_peak:
             rec["floor_us"] = moved / (copy_peak * 1e9) * 1e6
+    _graph_metrics(rec)
     if "check_rel_err" in rec and rec["check_rel_err"] is not None:
         rec["check_ok"] = rec["check_rel_err"] <= CHECK_TOL.get(dtype, 1e-2)
     return rec
+
+
+def _graph_metrics(rec: dict) -> None:
+    """The same targets on device-only times (CUDA graph replay), when measured."""
+    g = rec.get("graph_times") or {}
+
+    def us(impl):
+        v = g.get(impl)
+        return v["median_us"] if isinstance(v, dict) and "median_us" in v else None
+
+    trady = us("trady")
+    if trady is None:
+        return
+    if rec["kind"] == "wgrad":
+        full, gather = us("torch_full"), us("torch_gather")
+        if full is not None:
+            rec["target_graph_us"] = 1.25 * rec["r"] * full + 10.0
+            rec["pass_target_graph"] = trady <= rec["target_graph_us"]
+        if gather is not None:
+            rec["pass_gather_graph"] = trady < gather
+    else:
+        copy_same = us("copy_same_bytes")
+        if copy_same is not None:
+            b = rec["bytes"]
+            rec["pct_copy_same_graph"] = 100 * (b["trady"] / trady) / (
+                b["copy_same_bytes"] / copy_same)
+            rec["pass_copy_same_graph"] = rec["pct_copy_same_graph"] >= 70
 
 
 import contextlib
@@ -393,8 +421,33 @@ def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, im
                 if not cuda_healthy():
                     rec["cuda_poisoned"] = True
                     break
+    if device == "cuda" and not rec.get("cuda_poisoned"):
+        _time_graphs(rec, built, rep_ms, impl_filter)
     rec["wall_s"] = time.perf_counter() - t0
     return rec
+
+
+# The impls whose device-only time (CUDA graph replay) is measured beside the event time:
+# TraDy and the baselines its targets compare against.
+GRAPH_IMPLS = ("trady", "torch_full", "torch_gather", "copy_same_bytes")
+
+
+def _time_graphs(rec: dict, built, rep_ms: float, impl_filter) -> None:
+    from _bench_env import bench_graph, cuda_healthy
+    rec["graph_times"] = {}
+    for impl in GRAPH_IMPLS:
+        fn = built.impls.get(impl)
+        if fn is None or (impl_filter and impl not in impl_filter):
+            continue
+        if "error" in (rec["times"].get(impl) or {}):
+            continue
+        try:
+            rec["graph_times"][impl] = bench_graph(fn, rep_ms)
+        except Exception as e:   # noqa: BLE001
+            rec["graph_times"][impl] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            if not cuda_healthy():
+                rec["cuda_poisoned"] = True
+                return
 
 
 def measure_ceilings(device: str, quick: bool = False) -> dict:

@@ -106,3 +106,33 @@ def test_case_lists_are_unique_and_cover_every_kind():
         keys = [case_key(c) for c in cases]
         assert len(keys) == len(set(keys))
         assert {c["kind"] for c in cases} == set(KINDS)
+
+
+def test_device_time_targets_from_graph_replay():
+    """The issue-3 targets recomputed on CUDA-graph (device-only) times when measured."""
+    from _kernel_bench import finish_metrics
+
+    def wgrad(trady_us):
+        return finish_metrics({
+            "kind": "wgrad", "r": 0.1, "dtype": "float32", "flops": 10,
+            "bytes": {"trady": 1000}, "times": {"trady": {"median_us": 100.0}},
+            "graph_times": {"trady": {"median_us": trady_us},
+                            "torch_full": {"median_us": 20.0},
+                            "torch_gather": {"median_us": 12.6}}}, {})
+
+    rec = wgrad(12.5)                     # target 1.25 * 0.1 * 20 + 10 = 12.5
+    assert rec["target_graph_us"] == pytest.approx(12.5)
+    assert rec["pass_target_graph"] is True and rec["pass_gather_graph"] is True
+    rec = wgrad(12.7)
+    assert rec["pass_target_graph"] is False and rec["pass_gather_graph"] is False
+    fused = finish_metrics({
+        "kind": "fused", "dtype": "float32", "bytes": {"trady": 3000, "copy_same_bytes": 2000},
+        "times": {"trady": {"median_us": 50.0}},
+        "graph_times": {"trady": {"median_us": 10.0}, "copy_same_bytes": {"median_us": 5.0}}}, {})
+    assert fused["pct_copy_same_graph"] == pytest.approx(75.0)      # 300 of 400 B/us
+    assert fused["pass_copy_same_graph"] is True
+    # no graph times (CPU, or an error): no device-time verdicts
+    rec = finish_metrics({"kind": "wgrad", "r": 0.1, "dtype": "float32", "flops": 10,
+                          "bytes": {"trady": 1000}, "times": {},
+                          "graph_times": {"trady": {"error": "RuntimeError: capture"}}}, {})
+    assert "pass_target_graph" not in rec
