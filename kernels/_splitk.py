@@ -50,15 +50,15 @@ def choose_split(tiles: int, rows: int, row_len: int, device: torch.device,
     if forced is not None:
         if isinstance(forced, bool) or not isinstance(forced, int) or forced < 1:
             raise ValueError(f"split_k: expected None or an int >= 1, got {forced!r}")
-        per = triton.cdiv(rows, min(forced, rows, MAX_SPLIT))
-        return triton.cdiv(rows, per), per
+        per = _checks.cdiv(rows, min(forced, rows, MAX_SPLIT))
+        return _checks.cdiv(rows, per), per
     target = 2 * _checks.sm_count(device)
     split = 1
     if tiles < target:
-        split = max(1, min(triton.cdiv(target, tiles), rows * row_len // MIN_ELEMS_PER_SPLIT,
+        split = max(1, min(_checks.cdiv(target, tiles), rows * row_len // MIN_ELEMS_PER_SPLIT,
                            rows, MAX_SPLIT))
-    per = triton.cdiv(rows, split)
-    return triton.cdiv(rows, per), per
+    per = _checks.cdiv(rows, split)
+    return _checks.cdiv(rows, per), per
 
 
 # Best autotune config per launch key, so that after the first call a launch
@@ -88,7 +88,7 @@ def reduce_scatter(ws: Tensor, idx: Tensor, out: Tensor, C: int, d_m: int, d_k: 
     total = M * K * T
     if total == 0:
         return
-    grid = (triton.cdiv(total, REDUCE_BLOCK),)
+    grid = (_checks.cdiv(total, REDUCE_BLOCK),)
     _splitk_reduce_kernel[grid](ws, idx, out, split, M, K, T, C, d_m, d_k, d_t,
                                 SPLIT_BLOCK=MAX_SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4)
 

@@ -225,12 +225,12 @@ def _launch(x: Tensor, y: Tensor, mask: Tensor, scale, shift, pos, xc, upper, K:
         if x.dim() == 4 and HW % 8 == 0 and (has_affine or has_compact):
             rows = x.shape[0] * C
             br, bh = _rows_tile(HW)
-            nh = triton.cdiv(HW, 8 * bh)
-            _act_fwd_rows_kernel[(triton.cdiv(rows, br) * nh,)](
+            nh = _checks.cdiv(HW, 8 * bh)
+            _act_fwd_rows_kernel[(_checks.cdiv(rows, br) * nh,)](
                 x, y, mask, scale, shift, pos_t, xc_t, rows, C, HW, K, up, nh,
                 BLOCK_R=br, BYTES_HW=bh, num_warps=NUM_WARPS, **flags)
             return
-        grid = (triton.cdiv(numel, 8 * FLAT_BYTES),)
+        grid = (_checks.cdiv(numel, 8 * FLAT_BYTES),)
         _act_fwd_flat_kernel[grid](x, y, mask, scale, shift, pos_t, xc_t, numel, C, HW, K,
                                    0, 0, 0, up, STRIDED=False, BIG_HW=HW >= 8,
                                    INT32_INDEX=small,
@@ -242,12 +242,12 @@ def _launch(x: Tensor, y: Tensor, mask: Tensor, scale, shift, pos, xc, upper, K:
     s_n = x.stride(0)
     if HW % 8 == 0:
         bc, bh = _cl_tile(C)
-        nc, nh = triton.cdiv(C, bc), triton.cdiv(HW, 8 * bh)
+        nc, nh = _checks.cdiv(C, bc), _checks.cdiv(HW, 8 * bh)
         _act_fwd_cl_kernel[(N * nc * nh,)](x, y, mask, scale, shift, pos_t, xc_t, C, HW, K,
                                            s_n, C, up, nc, nh, BLOCK_C=bc, BYTES_HW=bh,
                                            num_warps=NUM_WARPS, **flags)
     else:
-        grid = (triton.cdiv(numel, 8 * FLAT_BYTES),)
+        grid = (_checks.cdiv(numel, 8 * FLAT_BYTES),)
         _act_fwd_flat_kernel[grid](x, y, mask, scale, shift, pos_t, xc_t, numel, C, HW, K,
                                    s_n, 1, C, up, STRIDED=True, BIG_HW=HW >= 8,
                                    INT32_INDEX=small,
@@ -271,7 +271,7 @@ def relu_forward_mask(x: Tensor, upper: float | None) -> tuple[Tensor, Tensor]:
     if not (x.is_contiguous() or _is_channels_last(x)):
         x = x.contiguous()
     y = _checks.empty(None, x.dtype, x.device, like=x)
-    mask = _checks.empty((triton.cdiv(x.numel(), 8),), torch.uint8, x.device)
+    mask = _checks.empty((_checks.cdiv(x.numel(), 8),), torch.uint8, x.device)
     _launch(x, y, mask, None, None, None, None, upper, 0)
     return y, mask
 
@@ -334,7 +334,7 @@ def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | 
     shift = shift.contiguous()
     N, _, H, W = x.shape
     y = _checks.empty(None, out_dtype, x.device, like=x)
-    mask = _checks.empty((triton.cdiv(x.numel(), 8),), torch.uint8, x.device)
+    mask = _checks.empty((_checks.cdiv(x.numel(), 8),), torch.uint8, x.device)
     xc = _checks.empty((N, K, H, W), out_dtype, x.device)
     # Repeated channels (never drawn by the sampler) cannot use the inverse map:
     # compact from y in a second pass instead.

@@ -93,7 +93,7 @@ def launch_compact(x: Tensor, idx: Tensor, out: Tensor, outer: int, C: int, inne
     else:
         bk, bi = _channel_fast_tile(K)
         kernel = _compact_channel_kernel
-    nk, ni = triton.cdiv(K, bk), triton.cdiv(inner, bi)
+    nk, ni = _checks.cdiv(K, bk), _checks.cdiv(inner, bi)
     kernel[(outer * nk * ni,)](x, idx, out, K, C, inner, s_o, s_c, s_i, d_o, d_k, d_i, nk, ni,
                                BLOCK_K=bk, BLOCK_I=bi, num_warps=NUM_WARPS)
 

@@ -144,8 +144,8 @@ _conv_wgrad_autotuned = None if _checks.INTERPRET else triton.autotune(
 
 def _grid_size(O: int, K: int, T: int, meta: dict) -> int:
     if meta["TAPS_IN_N"]:
-        return triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K * T, meta["BLOCK_N"])
-    return triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]) * T
+        return _checks.cdiv(O, meta["BLOCK_M"]) * _checks.cdiv(K * T, meta["BLOCK_N"])
+    return _checks.cdiv(O, meta["BLOCK_M"]) * _checks.cdiv(K, meta["BLOCK_N"]) * T
 
 
 def _launch_conv(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K: int, C: int,
@@ -154,7 +154,7 @@ def _launch_conv(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K: int
     P, Q = dy.shape[2], dy.shape[3]
     T = KH * KW
     R = N * P
-    nominal_tiles = triton.cdiv(O, 64) * triton.cdiv(K * T, 64)
+    nominal_tiles = _checks.cdiv(O, 64) * _checks.cdiv(K * T, 64)
     split, per = _splitk.choose_split(nominal_tiles, R, Q, out.device, split_k)
     if split == 1:
         target, so = out, (0, C * T, T, 1)                 # dense [O, C, KH, KW]

@@ -121,7 +121,7 @@ def launch_depthwise_wgrad(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, mult
     R = N * P
     KP = K * mult
     channel_fast = dy.stride(1) == 1 and dy.shape[1] > 1
-    nominal_tiles = (triton.cdiv(KP, 32) if channel_fast else KP) * T
+    nominal_tiles = (_checks.cdiv(KP, 32) if channel_fast else KP) * T
     split, per = _splitk.choose_split(nominal_tiles, R, Q, out.device, split_k)
     if split == 1:
         target, so = out, (0, T, mult * T, 1)
@@ -134,11 +134,11 @@ def launch_depthwise_wgrad(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, mult
             _checks.next_pow2(KP), _checks.next_pow2(per * Q))
     if _dw_autotuned_nchw is None:
         cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(KP, cfg["BLOCK_P"]) * T, split)
+        grid = (_checks.cdiv(KP, cfg["BLOCK_P"]) * T, split)
         _dw_wgrad_kernel[grid](*args, SCATTER=split == 1, BI=bi, **cfg)
     else:
         def grid(meta):
-            return (triton.cdiv(KP, meta["BLOCK_P"]) * T, split)
+            return (_checks.cdiv(KP, meta["BLOCK_P"]) * T, split)
         kernel = _dw_autotuned_nhwc if channel_fast else _dw_autotuned_nchw
         key = ("dw", x.dtype, split == 1, bi, T, *args[-2:], channel_fast)
         _splitk.launch_tuned(kernel, _dw_wgrad_kernel, grid, key, args,

@@ -115,7 +115,7 @@ def launch_gemm_wgrad(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K
     ``sx = (row, k, col)`` and ``sd = (row, o, col)`` strides; R rows of S columns.
     """
     _checks.check_int32_range("rows of the reduction", 2 * R)
-    nominal_tiles = triton.cdiv(O, 64) * triton.cdiv(K, 64)
+    nominal_tiles = _checks.cdiv(O, 64) * _checks.cdiv(K, 64)
     split, per = _splitk.choose_split(nominal_tiles, R, S, out.device, split_k)
     if split == 1:
         target, so = out, (0, d_o, d_k)
@@ -128,11 +128,11 @@ def launch_gemm_wgrad(x: Tensor, dy: Tensor, idx: Tensor, out: Tensor, O: int, K
     flags = dict(SCATTER=split == 1, PRECISION=_checks.dot_precision(x.dtype), BI=bi)
     if _gemm_wgrad_autotuned is None:
         cfg = INTERPRET_CONFIG
-        grid = (triton.cdiv(O, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]), split)
+        grid = (_checks.cdiv(O, cfg["BLOCK_M"]) * _checks.cdiv(K, cfg["BLOCK_N"]), split)
         _gemm_wgrad_kernel[grid](*args, UPCAST=True, **flags, **cfg)
     else:
         def grid(meta):
-            return (triton.cdiv(O, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), split)
+            return (_checks.cdiv(O, meta["BLOCK_M"]) * _checks.cdiv(K, meta["BLOCK_N"]), split)
         key = ("gemm", x.dtype, split == 1, bi, *args[-3:], sd[1] == 1, sx[1] == 1)
         _splitk.launch_tuned(_gemm_wgrad_autotuned, _gemm_wgrad_kernel, grid, key, args,
                              dict(UPCAST=False, **flags))

@@ -78,12 +78,12 @@ def _mask_bwd_cl_kernel(g_ptr, packed_ptr, out_ptr, C, HW, s_n, s_hw, num_c_bloc
 
 
 def _flat_grid(numel: int) -> tuple[int]:
-    return (triton.cdiv(numel, 8 * FLAT_BYTES),)
+    return (_checks.cdiv(numel, 8 * FLAT_BYTES),)
 
 
 def _check_packed(packed, numel: int) -> None:
     _checks.check_tensor("packed", packed, (torch.uint8,))
-    nbytes = triton.cdiv(numel, 8)
+    nbytes = _checks.cdiv(numel, 8)
     if packed.dim() != 1 or packed.numel() != nbytes:
         raise ValueError(f"packed: expected a 1-D uint8 tensor of ceil({numel} / 8) = {nbytes} "
                          f"bytes, got shape {tuple(packed.shape)}")
@@ -95,7 +95,7 @@ def pack_mask(passes: Tensor) -> Tensor:
     _checks.check_device(passes=passes)
     src = passes.contiguous().reshape(-1).view(torch.uint8)
     numel = src.numel()
-    out = _checks.empty((triton.cdiv(numel, 8),), torch.uint8, passes.device)
+    out = _checks.empty((_checks.cdiv(numel, 8),), torch.uint8, passes.device)
     if numel:
         _pack_kernel[_flat_grid(numel)](src, out, numel, BYTES=FLAT_BYTES, num_warps=NUM_WARPS)
     return out
@@ -108,9 +108,9 @@ def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     if numel < 0:
         raise ValueError(f"numel: expected a value >= 0, got {numel}")
     _checks.check_tensor("packed", packed, (torch.uint8,))
-    if packed.dim() != 1 or packed.numel() < triton.cdiv(numel, 8):
+    if packed.dim() != 1 or packed.numel() < _checks.cdiv(numel, 8):
         raise ValueError(f"packed: expected a 1-D uint8 tensor of at least ceil({numel} / 8) = "
-                         f"{triton.cdiv(numel, 8)} bytes, got shape {tuple(packed.shape)}")
+                         f"{_checks.cdiv(numel, 8)} bytes, got shape {tuple(packed.shape)}")
     _checks.check_device(packed=packed)
     packed = packed.contiguous()
     out = _checks.empty((numel,), torch.bool, packed.device)
@@ -141,7 +141,7 @@ def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
         out = _checks.empty(None, g.dtype, g.device, like=g)
         N, C, H, W = g.shape
         bc, bh = _cl_tile(C)
-        nc, nh = triton.cdiv(C, bc), triton.cdiv(H * W, bh)
+        nc, nh = _checks.cdiv(C, bc), _checks.cdiv(H * W, bh)
         if numel:
             _mask_bwd_cl_kernel[(N * nc * nh,)](g, packed, out, C, H * W, g.stride(0), C, nc, nh,
                                                 BLOCK_C=bc, BLOCK_HW=bh, num_warps=NUM_WARPS)
