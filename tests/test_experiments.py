@@ -80,6 +80,8 @@ def test_sweep_writes_one_json_per_run_resumes_and_summarizes(tmp_path, capsys):
         assert set(row["accuracy"]) == {"n", "mean", "std", "min", "max"}
     comparison = next(c for c in summary["comparisons"] if (c["a"], c["b"]) == ("d-topk", "s-topk"))
     assert comparison["seeds"] == [0, 1]
+    pooled = next(c for c in summary["pooled"] if (c["a"], c["b"]) == ("d-topk", "s-topk"))
+    assert pooled["diff"]["n"] == 2 and pooled["model"] == "mbv2-w0.35-arch"
     text = md.read_text()
     assert "| d-topk |" in text and "±" in text and "d-topk − s-topk" in text
 
@@ -123,3 +125,31 @@ def test_bad_sweep_options_are_rejected(capsys):
     assert "allowed values" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         E.main(["sweep", "--policies", "magic"])
+
+
+def test_pooled_paired_differences_per_model_and_over_models():
+    def comp(model, data, budget, diffs):
+        return {"model": model, "data": data, "budget": budget, "a": "d-topk", "b": "s-topk",
+                "diffs": diffs}
+
+    comps = [comp("m1", "digits", "small", [0.02, -0.01]), comp("m1", "fmnist", "large", [0.0]),
+             comp("m2", "digits", "small", [0.03, 0.01, -0.02])]
+    pooled = {c["model"]: c for c in E.pool_comparisons(comps)}
+    assert set(pooled) == {"m1", "m2", "all"}
+    assert pooled["m1"]["diff"]["n"] == 3 and pooled["m1"]["wins"] == 1
+    assert pooled["m1"]["losses"] == 1                       # the 0.0 is a tie
+    assert pooled["m2"]["diff"]["mean"] == pytest.approx(0.02 / 3)
+    assert pooled["all"]["diff"]["n"] == 6 and pooled["all"]["wins"] == 3
+
+
+def test_fast_preset_rates_are_the_committed_search_choices():
+    """presets.FAST_LRS must be what docs/results/lr_search.json chose (edit both together)."""
+    from pathlib import Path
+
+    from trady_triton.presets import FAST_LRS
+
+    search = Path(__file__).resolve().parents[1] / "docs" / "results" / "lr_search.json"
+    chosen = json.loads(search.read_text())["chosen"]
+    assert chosen, "no choices in lr_search.json"
+    for model, rates in chosen.items():
+        assert FAST_LRS[model] == rates, model

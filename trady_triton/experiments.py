@@ -212,11 +212,27 @@ def summarize_records(records: list[dict]) -> dict:
         common = sorted(set(acc_a) & set(acc_b))
         diffs = [acc_a[s] - acc_b[s] for s in common]
         comparisons.append({"model": model, "data": data, "budget": budget, "a": a, "b": b,
-                            "seeds": common, "diff": _spread(diffs),
+                            "seeds": common, "diffs": diffs, "diff": _spread(diffs),
                             "wins": sum(d > 0 for d in diffs),
                             "ties": sum(d == 0 for d in diffs)})
     return {"format": SUMMARY_FORMAT, "version": 1, "runs": len(records), "rows": rows,
-            "comparisons": comparisons}
+            "comparisons": comparisons, "pooled": pool_comparisons(comparisons)}
+
+
+def pool_comparisons(comparisons: list[dict]) -> list[dict]:
+    """Paired differences pooled over data sets and budgets, per model and over all models."""
+    pooled = []
+    pairs = list(dict.fromkeys((c["a"], c["b"]) for c in comparisons))
+    models = sorted({c["model"] for c in comparisons})
+    for a, b in pairs:
+        for model in models + (["all"] if len(models) > 1 else []):
+            diffs = [d for c in comparisons if (c["a"], c["b"]) == (a, b)
+                     and model in (c["model"], "all") for d in c["diffs"]]
+            if diffs:
+                pooled.append({"model": model, "a": a, "b": b, "diff": _spread(diffs),
+                               "wins": sum(d > 0 for d in diffs),
+                               "losses": sum(d < 0 for d in diffs)})
+    return pooled
 
 
 def compact_record(record: dict) -> dict:
@@ -314,6 +330,17 @@ def format_markdown(summary: dict) -> str:
             lines.append(f"| {c['model']} | {c['data']} | {c['budget']} | {c['a']} − {c['b']} | "
                          f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | "
                          f"{c['wins']} / {d['n']} |")
+        lines.append("")
+    pooled = summary.get("pooled") or []
+    if pooled:
+        lines.append("### Paired differences pooled over data sets and budgets, accuracy points")
+        lines.append("")
+        lines.append("| comparison | model | mean diff ± std | wins / losses / pairs |")
+        lines.append("|---|---|---|---|")
+        for c in pooled:
+            d = c["diff"]
+            lines.append(f"| {c['a']} − {c['b']} | {c['model']} | {100 * d['mean']:+.1f} ± "
+                         f"{100 * d['std']:.1f} | {c['wins']} / {c['losses']} / {d['n']} |")
         lines.append("")
     return "\n".join(lines)
 
