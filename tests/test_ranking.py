@@ -86,3 +86,18 @@ def test_ranking_file_without_the_architecture_names_the_known_ones(tmp_path):
     tt.save_ranking(LayerRanking("a", {"x": 1.0}, 1), path)
     with pytest.raises(ValueError, match=r"allowed values: \['a'\]"):
         tt.load_ranking(path, "b")
+
+
+def test_convert_picks_the_shipped_ranking_made_at_the_input_resolution():
+    from trady_triton.models.efficientnet_lite import efficientnet_lite0
+    from trady_triton.ranking import load_ranking, shipped_rankings_path
+
+    at_40 = load_ranking(shipped_rankings_path(), "efficientnet-lite0@40")
+    default = load_ranking(shipped_rankings_path(), "efficientnet-lite0")
+    assert at_40.scores != default.scores
+    for size, expected in ((40, at_40), (48, default)):
+        torch.manual_seed(0)
+        net = efficientnet_lite0(pretrained=False, num_classes=10).eval()
+        controller = tt.convert(net, 0.05, example_input=torch.randn(2, 3, size, size))
+        assert controller.ranking.arch == expected.arch
+        assert controller.ranking.scores == expected.scores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .controller import TraDyController
@@ -32,9 +33,17 @@ def _check_budget(keep_ratio, budget_units, budget_bytes, policy_pool: str) -> N
             raise ValueError(f"{name}={value!r}: allowed values are numbers > 0")
 
 
-def _resolve_ranking(ranking, arch: str | None) -> LayerRanking | None:
+def _resolve_ranking(ranking, arch: str | None, example_input=None) -> LayerRanking | None:
     if ranking is None:
-        return shipped_ranking(arch) if arch else None
+        if not arch:
+            return None
+        # a ranking made at the input's resolution ("arch@H", square inputs) beats the default
+        if isinstance(example_input, torch.Tensor) and example_input.dim() == 4 \
+                and example_input.shape[-1] == example_input.shape[-2]:
+            at_resolution = shipped_ranking(f"{arch}@{example_input.shape[-1]}")
+            if at_resolution is not None:
+                return at_resolution
+        return shipped_ranking(arch)
     if isinstance(ranking, LayerRanking):
         return ranking
     if isinstance(ranking, (str, Path)):
@@ -70,7 +79,9 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
             ``"classifier-only"`` or ``"full"``. The DetRGN oracles draw only
             after ``controller.score_channels(batches)``.
         ranking: a LayerRanking, a ranking JSON path, or None for the ranking
-            shipped for ``model.arch_name`` (else all layers, with a warning).
+            shipped for ``model.arch_name`` (the one made at ``example_input``'s
+            resolution when one ships, e.g. ``mcunet-in1@40``; else all layers,
+            with a warning).
         coverage: share of the ranking's RGN that the top-K layers cover.
         seed: draws are deterministic functions of ``(seed, epoch)``.
         freeze_bn_stats: use BatchNorm running statistics in train mode too
@@ -87,7 +98,7 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
     elif classifier is not None and classifier not in dict(model.named_modules()):
         raise ValueError(f"classifier={classifier!r}: not a module name of this model")
     arch = arch or getattr(model, "arch_name", None)
-    resolved_ranking = _resolve_ranking(ranking, arch)
+    resolved_ranking = _resolve_ranking(ranking, arch, example_input)
     modules = swap_modules(model, freeze_stats=freeze_bn_stats)
     trainable = [m for n, m in modules.items() if hasattr(m, "selected_channels") and n != classifier]
     if not trainable:
