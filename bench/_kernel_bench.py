@@ -373,14 +373,16 @@ def dot_precision(dtype_name: str):
 
 def run_case(case: dict, device: str, ceilings: dict, backend: str = "auto",
              warmup_ms: float = 10, rep_ms: float = 40, full_cache: dict | None = None,
-             impl_filter=None) -> dict:
-    """Build, check and time one case; returns its record (errors recorded, not raised)."""
+             impl_filter=None, graph_times: bool = True) -> dict:
+    """Build, check and time one case; returns its record (errors recorded, not raised).
+    ``graph_times``: on CUDA, also the device-only times (:func:`_time_graphs`)."""
     with dot_precision(case["dtype"]):
         return _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache,
-                         impl_filter)
+                         impl_filter, graph_times)
 
 
-def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, impl_filter):
+def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, impl_filter,
+              graph_times=True):
     import time
 
     from _bench_env import bench_fn, synchronize
@@ -421,7 +423,7 @@ def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, im
                 if not cuda_healthy():
                     rec["cuda_poisoned"] = True
                     break
-    if device == "cuda" and not rec.get("cuda_poisoned"):
+    if graph_times and device == "cuda" and not rec.get("cuda_poisoned"):
         _time_graphs(rec, built, rep_ms, impl_filter)
     rec["wall_s"] = time.perf_counter() - t0
     return rec

@@ -231,8 +231,10 @@ def _worker_sections(args, device, jsonl, ends, finished, ceilings, k_warm, k_re
                     elif section.startswith("kernels"):
                         from _kernel_bench import finish_metrics, run_case
                         case = {k: item[k] for k in ("kind", "name", "batch", "dtype", "keep")}
+                        # device-only times for the core cases (the sweep's time goes
+                        # to more shapes)
                         res = run_case(case, device, ceilings, args.backend, k_warm, k_rep,
-                                       full_cache)
+                                       full_cache, graph_times=section == "kernels_core")
                         rec["result"] = finish_metrics(res, ceilings)
                     elif section == "train_step":
                         if args.backend != "auto" and item.get("backend") == "auto":
