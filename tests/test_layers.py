@@ -194,6 +194,51 @@ def test_frozen_batchnorm_is_an_affine_that_saves_nothing(train_mode):
     assert torch.equal(model[0].running_var, stats_before[1])
 
 
+def test_frozen_batchnorm_caches_its_affine_and_follows_changes():
+    """(scale, shift) are computed once, not at every step, and recomputed when the BN's
+    statistics, parameters, dtype or device change."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountRsqrt(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.rsqrt:
+                CountRsqrt.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(4)
+    bn = nn.BatchNorm2d(5)
+    bn.running_var.uniform_(0.3, 3)
+    ref = copy.deepcopy(bn).eval()
+    model = _converted(bn)
+    for p in list(model.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(3, 5, 4, 4, requires_grad=True)
+    with CountRsqrt():
+        for _ in range(3):
+            model(x).sum().backward()
+    assert CountRsqrt.calls == 1                      # once, not twice per step
+    # in-place changes (as load_state_dict makes) are seen
+    with torch.no_grad():
+        model[0].running_mean.copy_(torch.randn(5))
+        ref.running_mean.copy_(model[0].running_mean)
+        model[0].weight.mul_(1.5)
+        ref.weight.mul_(1.5)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+    state = {k: v.clone() for k, v in ref.state_dict().items()}
+    state["running_var"] = state["running_var"] * 2
+    ref.load_state_dict(state)
+    model[0].load_state_dict(state)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+    # another dtype gets its own (scale, shift)
+    model.double()
+    ref.double()
+    y = model(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref(x.double()), rtol=1e-12, atol=1e-12)
+
+
 def test_unfrozen_batchnorm_keeps_pytorch_behaviour():
     bn = nn.BatchNorm2d(3)
     model = _converted(bn)

@@ -178,22 +178,22 @@ def _per_channel(v: Tensor, ndim: int) -> Tensor:
 class FrozenAffine(Function):
     """BatchNorm with frozen statistics and parameters: y = x * scale + shift.
 
-    Saves only the module's own parameters and buffers; backward recomputes
-    the scale from them (a few flops per channel) instead of saving it.
+    ``scale`` and ``shift`` are per-channel tensors in x's dtype, owned by the BN
+    module (cached there while its parameters and statistics are unchanged).
+    Backward needs only ``scale``: it is kept as a reference on ``ctx``, not saved
+    for backward, since the module holds it anyway (like a parameter); nothing of
+    the size of x is kept.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
-        scale, shift = frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps)
-        ctx.eps = eps
-        ctx.save_for_backward(weight, running_var)
-        return x * _per_channel(scale.to(x.dtype), x.dim()) + _per_channel(shift.to(x.dtype), x.dim())
+    def forward(ctx, x, scale, shift):
+        ctx.scale = scale
+        # one kernel: shift + x * scale
+        return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()))
 
     @staticmethod
     def backward(ctx, grad_y):
-        weight, running_var = ctx.saved_tensors
-        scale = frozen_bn_scale(weight, running_var, ctx.eps)
-        return grad_y * _per_channel(scale.to(grad_y.dtype), grad_y.dim()), None, None, None, None, None
+        return grad_y * _per_channel(ctx.scale.to(grad_y.dtype), grad_y.dim()), None, None
 
 
 class MaskedClamp(Function):
@@ -220,24 +220,21 @@ class FusedAffineClamp(Function):
     """Frozen BN -> ReLU/ReLU6, also emitting the compact copy of channels ``idx``.
 
     Outputs (y, y[:, idx]); the compact copy is not differentiable: it is only
-    what the next conv saves for its weight gradient. Saves the 1-bit mask and
-    the BN's own parameters/buffers (backward recomputes the scale from them).
+    what the next conv saves for its weight gradient. Saves the 1-bit mask; the
+    BN's ``scale`` (module-owned, see :class:`FrozenAffine`) is kept on ``ctx``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, upper, idx):
-        scale, shift = frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps)
-        y, packed, compact = ops_for(x).affine_relu_compact(x, scale.to(x.dtype),
-                                                            shift.to(x.dtype), upper, idx)
+    def forward(ctx, x, scale, shift, upper, idx):
+        y, packed, compact = ops_for(x).affine_relu_compact(x, scale, shift, upper, idx)
         ctx.mark_non_differentiable(compact)
-        ctx.eps = eps
-        ctx.save_for_backward(packed, weight, running_var)
+        ctx.scale = scale
+        ctx.save_for_backward(packed)
         return y, compact
 
     @staticmethod
     def backward(ctx, grad_y, _grad_compact):
-        packed, weight, running_var = ctx.saved_tensors
-        scale = frozen_bn_scale(weight, running_var, ctx.eps)
+        (packed,) = ctx.saved_tensors
         grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
-        return (grad * _per_channel(scale.to(grad.dtype), grad.dim()),
-                None, None, None, None, None, None, None)
+        return (grad * _per_channel(ctx.scale.to(grad.dtype), grad.dim()),
+                None, None, None, None)

@@ -23,7 +23,7 @@ SWAPS = {
 }
 TRADY_TYPES = tuple(SWAPS.values())
 _ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
-                     "_trady_original_class")
+                     "_frozen_cache", "_trady_original_class")
 
 
 def _symmetric_padding(conv: nn.Conv2d):

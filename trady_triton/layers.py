@@ -137,13 +137,35 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if not _grad_needed(x):
             with torch.no_grad():
-                return fn.FrozenAffine.apply(x, self.weight, self.bias, self.running_mean,
-                                             self.running_var, self.eps)
+                return fn.FrozenAffine.apply(x, *self.frozen_scale_shift(x.dtype))
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
-        return fn.FrozenAffine.apply(x, self.weight, self.bias, self.running_mean,
-                                     self.running_var, self.eps)
+        return fn.FrozenAffine.apply(x, *self.frozen_scale_shift(x.dtype))
+
+    def frozen_scale_shift(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) in ``dtype``, cached while the BN is unchanged.
+
+        Recomputing them costs about eight tiny kernel launches per BN and step
+        (forward and backward), which on a GPU is host time the step waits on. The
+        cache key holds the version counter and storage of the weight, bias and
+        statistics, so in-place updates (``load_state_dict``, ``.to()``, ``copy_``)
+        refresh it. Under torch.compile the values are computed in the graph.
+        """
+        tensors = (self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling():
+            scale, shift = fn.frozen_bn_scale_shift(*tensors, self.eps)
+            return scale.to(dtype), shift.to(dtype)
+        key = (dtype, self.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.device)
+                                        for t in tensors)
+        cache = self.__dict__.get("_frozen_cache")
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        with torch.no_grad():
+            scale, shift = fn.frozen_bn_scale_shift(*tensors, self.eps)
+            scale, shift = scale.to(dtype), shift.to(dtype)
+        self.__dict__["_frozen_cache"] = (key, scale, shift)
+        return scale, shift
 
     def _fused_forward(self, x: Tensor):
         """BN -> ReLU/ReLU6 -> partially trained conv/linear in one kernel, if wired."""
@@ -153,9 +175,8 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         weight = consumer.weight
         if not weight.requires_grad or consumer.selected_channels.numel() == weight.shape[1]:
             return None
-        y, compact = fn.FusedAffineClamp.apply(x, self.weight, self.bias, self.running_mean,
-                                               self.running_var, self.eps, activation.upper,
-                                               consumer.selected_channels)
+        y, compact = fn.FusedAffineClamp.apply(x, *self.frozen_scale_shift(x.dtype),
+                                               activation.upper, consumer.selected_channels)
         activation._fused_output = weakref.ref(y)
         consumer._offer_compact(y, compact)
         return y

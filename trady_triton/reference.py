@@ -143,6 +143,7 @@ def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | 
     (``y = relu(x * scale + shift)``). Returns (output, packed mask, compact copy of
     the output's channels ``idx``).
     """
-    pre = x * scale[None, :, None, None] + shift[None, :, None, None]
+    # the same single op as the unfused FrozenAffine, so fused and unfused agree exactly
+    pre = torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
     y, packed = relu_forward_mask(pre, upper)
     return y, packed, compact_channels(y, idx, 1)
