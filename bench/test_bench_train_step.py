@@ -280,3 +280,27 @@ def test_pinned_autotune_pins_and_restores_the_kernels_autotuners():
                           timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pinned" in proc.stdout
+
+
+def test_launch_count_script_counts_triton_and_aten_launches():
+    proc = subprocess.run([sys.executable, str(BENCH / "launch_count.py"), "--model", "tiny"],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines()
+            if line.startswith(("full", "trady"))}
+    assert set(rows) == {"full", "trady"}
+    assert " 0 Triton launches" in rows["full"]
+    trady_launches = int(rows["trady"].split(",")[-1].split()[0])
+    assert trady_launches > 0          # the step went through the Triton kernels
+
+
+def test_kernel_static_stats_script_reports_registers_and_instructions():
+    proc = subprocess.run([sys.executable, str(BENCH / "kernel_static_stats.py"), "--module",
+                           "_splitk", "--dtype", "bf16"],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| _splitk_reduce_kernel")]
+    assert len(rows) == 1 and rows[0][1].strip() == "bf16"
+    sass, calls, registers = (int(rows[0][i]) for i in (3, 4, 5))
+    assert sass > 0 and calls >= 0 and 0 < registers <= 255
