@@ -424,7 +424,7 @@ def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, im
                     rec["cuda_poisoned"] = True
                     break
     if graph_times and device == "cuda" and not rec.get("cuda_poisoned"):
-        _time_graphs(rec, built, rep_ms, impl_filter)
+        _time_graphs(rec, built, impl_filter)
     rec["wall_s"] = time.perf_counter() - t0
     return rec
 
@@ -432,9 +432,10 @@ def _run_case(case, device, ceilings, backend, warmup_ms, rep_ms, full_cache, im
 # The impls whose device-only time (CUDA graph replay) is measured beside the event time:
 # TraDy and the baselines its targets compare against.
 GRAPH_IMPLS = ("trady", "torch_full", "torch_gather", "copy_same_bytes")
+GRAPH_REP_MS = 10      # per replay of the captured calls; 10 replays are timed
 
 
-def _time_graphs(rec: dict, built, rep_ms: float, impl_filter) -> None:
+def _time_graphs(rec: dict, built, impl_filter) -> None:
     from _bench_env import bench_graph, cuda_healthy
     rec["graph_times"] = {}
     for impl in GRAPH_IMPLS:
@@ -444,7 +445,7 @@ def _time_graphs(rec: dict, built, rep_ms: float, impl_filter) -> None:
         if "error" in (rec["times"].get(impl) or {}):
             continue
         try:
-            rec["graph_times"][impl] = bench_graph(fn, rep_ms)
+            rec["graph_times"][impl] = bench_graph(fn, GRAPH_REP_MS)
         except Exception as e:   # noqa: BLE001
             rec["graph_times"][impl] = {"error": f"{type(e).__name__}: {e}"[:500]}
             if not cuda_healthy():

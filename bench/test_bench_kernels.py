@@ -136,3 +136,34 @@ def test_device_time_targets_from_graph_replay():
                           "bytes": {"trady": 1000}, "times": {},
                           "graph_times": {"trady": {"error": "RuntimeError: capture"}}}, {})
     assert "pass_target_graph" not in rec
+
+
+def test_graph_timing_records_times_and_errors(monkeypatch):
+    """_time_graphs (CUDA only) with the graph timer replaced: what it times, what it skips."""
+    import types
+
+    import _bench_env
+    import _kernel_bench
+
+    def fake_graph(fn, rep_ms):
+        fn()
+        return {"median_us": 2.0, "p20_us": 1.0, "p80_us": 3.0}
+
+    def failing(fn, rep_ms):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls = []
+    built = types.SimpleNamespace(impls={
+        "trady": lambda: calls.append("trady"), "torch_full": lambda: calls.append("full"),
+        "torch_gather": lambda: calls.append("gather"), "torch_compact": lambda: None})
+    monkeypatch.setattr(_bench_env, "bench_graph", fake_graph)
+    monkeypatch.setattr(_bench_env, "cuda_healthy", lambda: True)
+    rec = {"times": {"torch_gather": {"error": "RuntimeError: x"}}}
+    _kernel_bench._time_graphs(rec, built, None)
+    assert calls == ["trady", "full"]                        # gather failed before: skipped
+    assert set(rec["graph_times"]) == {"trady", "torch_full"}  # compact is not a target's
+    monkeypatch.setattr(_bench_env, "bench_graph", failing)
+    rec = {"times": {}}
+    _kernel_bench._time_graphs(rec, built, None)
+    assert "capturing" in rec["graph_times"]["trady"]["error"]
+    assert not rec.get("cuda_poisoned")
