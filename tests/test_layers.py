@@ -299,3 +299,28 @@ def test_layers_before_the_first_trained_one_take_no_part_in_autograd():
         model(torch.randn(2, 3, 6, 6))
     assert seen == [None, None]
     assert saved.total == 2 * 1 * 4 * 4 * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_reference_mask_backward_blocks_exactly_like_torch_where(dtype):
+    """reference.relu_backward_mask's CPU bit-AND path: bit-identical to torch.where,
+    with NaN, inf and -0.0 gradients on both sides of the mask and an odd size."""
+    from trady_triton import reference as ref
+
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(3, 5, 7, 11, generator=g).to(dtype)
+    flat = grad.view(-1)
+    flat[::7] = float("nan")
+    flat[3::11] = float("inf")
+    flat[5::13] = -0.0
+    passes = torch.rand(grad.shape, generator=g) > 0.4
+    got = ref.relu_backward_mask(grad, ref.pack_mask(passes))
+    want = torch.where(passes, grad, torch.zeros((), dtype=dtype))
+    assert got.dtype == dtype and got.shape == grad.shape
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[grad.element_size()]
+    assert torch.equal(got.view(int_dtype), want.view(int_dtype))        # bit for bit
+    # non-contiguous gradients too
+    t = grad.transpose(1, 3)
+    got = ref.relu_backward_mask(t, ref.pack_mask(passes.transpose(1, 3)))
+    want = torch.where(passes.transpose(1, 3), t, torch.zeros((), dtype=dtype))
+    assert torch.equal(got.contiguous().view(int_dtype), want.contiguous().view(int_dtype))
