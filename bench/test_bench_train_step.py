@@ -304,3 +304,13 @@ def test_kernel_static_stats_script_reports_registers_and_instructions():
     assert len(rows) == 1 and rows[0][1].strip() == "bf16"
     sass, calls, registers = (int(rows[0][i]) for i in (3, 4, 5))
     assert sass > 0 and calls >= 0 and 0 < registers <= 255
+
+
+def test_launcher_overhead_script_times_three_launchers():
+    proc = subprocess.run([sys.executable, str(BENCH / "launcher_overhead.py")],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 3
+    assert all(float(r[1]) > 0 for r in rows)
