@@ -478,56 +478,74 @@ def render(out: Path, run_meta: dict) -> tuple[dict, str]:
                  f"{len([r for r in wg + ac + rl if r.get('check_ok')])} / "
                  f"{len([r for r in wg + ac + rl if r.get('check_ok') is not None])} |")
         L.append("")
+    def table(header: list[str], rows: list[list[str]]) -> None:
+        L.append("| " + " | ".join(header) + " |")
+        L.append("|" + "---|" * len(header))
+        L.extend("| " + " | ".join(row) + " |" for row in rows)
+        L.append("")
+
+    def graph_pair(r, a, b):
+        return f"{_fmt(_t(r, a, 'graph_times'))} / {_fmt(_t(r, b, 'graph_times'))}"
+
     if wg:
+        # device-only (CUDA graph) columns only where some case has them
+        graph = any(r.get("graph_times") for r in wg)
         L.append("### Masked weight gradient (times in µs: median [p20–p80])\n")
         L.append("TraDy = `conv2d_weight_grad_masked` / `linear_weight_grad_masked` on the compact "
                  "input; full = torch's full weight gradient (cuDNN / matmul); gather = "
                  "`index_select` + torch on the compacted input + scatter; compact = the same "
                  "without the gather (reference.py). target = 1.25 r full + 10 µs. floor = "
-                 "max(bytes / copy ceiling, FLOPs / matmul ceiling of the dtype). graph = "
-                 "device time alone (calls replayed from a CUDA graph: no Python or launch "
-                 "overhead, warm L2), TraDy / full.\n")
-        L.append("| layer | N | dtype | K/C | full | TraDy | gather | compact | target | ≤ target "
-                 "| < gather | graph TraDy / full | graph ≤ target | TFLOP/s | % mm peak | floor "
-                 "| rel. err |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "max(bytes / copy ceiling, FLOPs / matmul ceiling of the dtype)."
+                 + (" graph = device time alone (calls replayed from a CUDA graph: no Python or "
+                    "launch overhead, warm L2), TraDy / full; measured at the core cases' "
+                    "largest batch." if graph else "") + "\n")
+        header = ["layer", "N", "dtype", "K/C", "full", "TraDy", "gather", "compact", "target",
+                  "≤ target", "< gather"]
+        header += ["graph TraDy / full", "graph ≤ target"] if graph else []
+        header += ["TFLOP/s", "% mm peak", "floor", "rel. err"]
+        rows = []
         for r in wg:
-            L.append(f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['k_sel']}/{r['c_in']} | "
-                     f"{_fmt(_t(r, 'torch_full'))} | {_t_range(r, 'trady')} | "
-                     f"{_fmt(_t(r, 'torch_gather'))} | {_fmt(_t(r, 'torch_compact'))} | "
-                     f"{_fmt(r.get('target_us'))} | {_fmt(r.get('pass_target'))} | "
-                     f"{_fmt(r.get('pass_gather'))} | {_fmt(_t(r, 'trady', 'graph_times'))} / "
-                     f"{_fmt(_t(r, 'torch_full', 'graph_times'))} | "
-                     f"{_fmt(r.get('pass_target_graph'))} | {_fmt(r.get('tflops'), '.3g')} | "
-                     f"{_fmt(r.get('pct_matmul_peak'))} | {_fmt(r.get('floor_us'), '.2f')} | "
-                     f"{_fmt(r.get('check_rel_err'), '.1e')} |")
-        L.append("")
+            row = [r["shape"], str(r["batch"]), r["dtype"], f"{r['k_sel']}/{r['c_in']}",
+                   _fmt(_t(r, "torch_full")), _t_range(r, "trady"), _fmt(_t(r, "torch_gather")),
+                   _fmt(_t(r, "torch_compact")), _fmt(r.get("target_us")),
+                   _fmt(r.get("pass_target")), _fmt(r.get("pass_gather"))]
+            if graph:
+                row += [graph_pair(r, "trady", "torch_full"), _fmt(r.get("pass_target_graph"))]
+            row += [_fmt(r.get("tflops"), ".3g"), _fmt(r.get("pct_matmul_peak")),
+                    _fmt(r.get("floor_us"), ".2f"), _fmt(r.get("check_rel_err"), ".1e")]
+            rows.append(row)
+        table(header, rows)
     if ac:
+        graph = any(r.get("graph_times") for r in ac)
         L.append("### Compaction and fused BN -> ReLU6 -> mask -> compaction (µs: median [p20–p80])\n")
         L.append("GB/s counts the bytes the TraDy kernel must move (compaction: read + write of "
                  "the K kept channels; fused: read x, write y, the 1-bit mask and the compact "
                  "copy). torch = `index_select` (compact) / the same ops in torch "
                  "(reference.py, fused); BN+ReLU6 = plain PyTorch's eval BN + ReLU6 "
                  "(no mask, no compaction). copy = device copy of the same byte count. "
-                 "floor = bytes / peak copy bandwidth. graph = device time alone (CUDA graph "
-                 "replay), TraDy / copy, and TraDy's GB/s as % of the copy's.\n")
-        L.append("| kind | activation | N | dtype | K/C | TraDy | torch | BN+ReLU6 | copy same size "
-                 "| GB/s | % copy same | % copy peak | ≥ 70 % same | ≥ 70 % peak | graph TraDy / "
-                 "copy | graph % copy same | floor | rel. err |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "floor = bytes / peak copy bandwidth."
+                 + (" graph = device time alone (CUDA graph replay), TraDy / copy, and TraDy's "
+                    "GB/s as % of the copy's." if graph else "") + "\n")
+        header = ["kind", "activation", "N", "dtype", "K/C", "TraDy", "torch", "BN+ReLU6",
+                  "copy same size", "GB/s", "% copy same", "% copy peak", "≥ 70 % same",
+                  "≥ 70 % peak"]
+        header += ["graph TraDy / copy", "graph % copy same"] if graph else []
+        header += ["floor", "rel. err"]
+        rows = []
         for r in ac:
             torch_impl = "torch_index_select" if r["kind"] == "compact" else "torch_unfused"
-            L.append(f"| {r['kind']} | {r['shape']} | {r['batch']} | {r['dtype']} | "
-                     f"{r.get('k_sel')}/{r['c_in']} | {_t_range(r, 'trady')} | "
-                     f"{_fmt(_t(r, torch_impl))} | {_fmt(_t(r, 'torch_bn_relu6'))} | "
-                     f"{_fmt(_t(r, 'copy_same_bytes'))} | {_fmt(r.get('gbps'), '.0f')} | "
-                     f"{_fmt(r.get('pct_copy_same'), '.0f')} | {_fmt(r.get('pct_copy_peak'), '.0f')} | "
-                     f"{_fmt(r.get('pass_copy_same'))} | {_fmt(r.get('pass_copy_peak'))} | "
-                     f"{_fmt(_t(r, 'trady', 'graph_times'))} / "
-                     f"{_fmt(_t(r, 'copy_same_bytes', 'graph_times'))} | "
-                     f"{_fmt(r.get('pct_copy_same_graph'), '.0f')} | "
-                     f"{_fmt(r.get('floor_us'), '.2f')} | {_fmt(r.get('check_rel_err'), '.1e')} |")
-        L.append("")
+            row = [r["kind"], r["shape"], str(r["batch"]), r["dtype"],
+                   f"{r.get('k_sel')}/{r['c_in']}", _t_range(r, "trady"),
+                   _fmt(_t(r, torch_impl)), _fmt(_t(r, "torch_bn_relu6")),
+                   _fmt(_t(r, "copy_same_bytes")), _fmt(r.get("gbps"), ".0f"),
+                   _fmt(r.get("pct_copy_same"), ".0f"), _fmt(r.get("pct_copy_peak"), ".0f"),
+                   _fmt(r.get("pass_copy_same")), _fmt(r.get("pass_copy_peak"))]
+            if graph:
+                row += [graph_pair(r, "trady", "copy_same_bytes"),
+                        _fmt(r.get("pct_copy_same_graph"), ".0f")]
+            row += [_fmt(r.get("floor_us"), ".2f"), _fmt(r.get("check_rel_err"), ".1e")]
+            rows.append(row)
+        table(header, rows)
     if rl:
         L.append("### ReLU6 with a 1-bit mask (µs: median [p20–p80])\n")
         L.append("| kind | activation | N | dtype | TraDy | torch hardtanh (fwd) / hardtanh_backward (bwd) "
