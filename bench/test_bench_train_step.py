@@ -314,3 +314,21 @@ def test_launcher_overhead_script_times_three_launchers():
             if line.startswith("| ") and "µs" not in line]
     assert len(rows) == 3
     assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_gpu_session_script_runs_tests_then_bench(tmp_path):
+    """The one-call GPU session (tests, then the bench, in a time budget), dry on CPU."""
+    out = tmp_path / "session"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_session.py"), "--device", "cpu",
+                           "--out", str(out), "--tests", "tests/test_kernels_errors.py",
+                           "--budget-s", "200", "--tests-s", "150", "--bench-mode", "tiny"],
+                          capture_output=True, text=True, timeout=400, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import _kernels_shim  # noqa: F401  (the plugin imports where the package is installed)
+    from gpu_session import junit_counts
+    counts = junit_counts(out / "tests.xml")
+    assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0
+    results = json.loads((out / "bench" / "results.json").read_text())
+    assert results["train_step"] and not results["errors"]
+    assert "[gpu_session] tests:" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_session] tests rc 0")

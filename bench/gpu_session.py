@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""The GPU checks and the GPU benchmarks in one call, within the device tool's 10 minutes.
+
+    python bench/gpu_session.py --out "$OUT"            # tests, then the full bench
+    python bench/gpu_session.py --out "$OUT" --quick    # tests, then the quick bench
+
+1. The kernel tests and the end-to-end test on the GPU (pytest, every kernel with its first
+   configuration: TRADY_AUTOTUNE=0), capped at ``--tests-s``; compile tests excluded (they
+   run on the CPU in CI).
+2. ``bench/run_bench.py`` on the GPU with the time that is left of ``--budget-s``.
+3. A summary of the tests, then the bench tables, printed last.
+
+Writes into OUT: ``tests.log``, ``tests.xml`` (JUnit), ``bench/`` (``cases.jsonl``,
+``results.json``, ``results.md``). Runs from a bare copy of the repository (no install):
+the repository goes on the path and ``kernels/`` is loaded as ``trady_triton.kernels``.
+Afterwards, here: ``python bench/run_gpu.py --render <OUT>/bench --update-results``, and
+copy ``<OUT>/bench`` to ``bench/results/gpu/``.
+``--device cpu`` is a dry run of the same pipeline (interpreter, tiny bench) for its tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+KERNEL_TESTS = ("tests/test_kernels_compaction.py", "tests/test_kernels_masks.py",
+                "tests/test_kernels_weight_grad.py", "tests/test_kernels_errors.py",
+                "tests/test_kernels_end_to_end.py")
+
+
+def _env(device: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["TRADY_AUTOTUNE"] = "0"            # tests: first config; the bench autotunes itself
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def junit_counts(path: Path) -> dict:
+    """tests / failures / errors / skipped from a JUnit file (zeros if it is missing)."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return counts
+    for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    return counts
+
+
+def run_tests(args, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "_kernels_shim", "-p", "no:cacheprovider",
+           "--junitxml", str(out / "tests.xml"), *args.tests]
+    if args.k:
+        cmd += ["-k", args.k]
+    started = time.time()
+    with open(out / "tests.log", "w") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device), stdout=log,
+                                stderr=subprocess.STDOUT, timeout=args.tests_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"stopped after {args.tests_s:.0f} s (--tests-s)"
+    result = {"rc": rc, "wall_s": time.time() - started, **junit_counts(out / "tests.xml")}
+    return result
+
+
+def run_bench(args, out: Path, seconds: float) -> int:
+    mode = args.bench_mode or ("quick" if args.quick else "full")
+    cmd = [sys.executable, str(BENCH / "run_bench.py"), "--device", args.device, "--mode", mode,
+           "--out", str(out / "bench"), "--budget-s", f"{seconds:.0f}", "--grace-s", "15"]
+    return subprocess.run(cmd, cwd=REPO, env=_env(args.device)).returncode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the logs and results")
+    p.add_argument("--budget-s", type=float, default=540,
+                   help="whole session, tests and bench (default 540: the tool allows 600)")
+    p.add_argument("--tests-s", type=float, default=170, help="cap on the tests (default 170)")
+    p.add_argument("--quick", action="store_true", help="the bench's quick pass")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: dry run under the Triton interpreter (for this script's tests)")
+    p.add_argument("--tests", nargs="+", default=list(KERNEL_TESTS), help="test files")
+    p.add_argument("-k", default="not compile", help="pytest -k expression (default: not compile)")
+    p.add_argument("--bench-mode", choices=("full", "quick", "tiny"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tests = run_tests(args, out)
+    failed = tests["failures"] + tests["errors"]
+    print(f"[gpu_session] tests: {tests['tests']} run, {failed} failed or errored, "
+          f"{tests['skipped']} skipped, rc {tests['rc']}, {tests['wall_s']:.0f} s "
+          f"(log: {out / 'tests.log'})", flush=True)
+    left = args.budget_s - (time.time() - started) - 15 - 10    # the bench's grace + margin
+    bench_rc = run_bench(args, out, left) if left > 30 else "skipped: no time left"
+    print(f"[gpu_session] tests rc {tests['rc']} ({failed} failed), bench rc {bench_rc}, "
+          f"{time.time() - started:.0f} s in all", flush=True)
+    return 0 if tests["rc"] == 0 and bench_rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
