@@ -40,6 +40,22 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _clamp_with_mask(x, ok, upper, HAS_UPPER: tl.constexpr):
+    """(ReLU or clamp to [0, upper] of x, where the derivative is 1) for the valid ``ok``.
+
+    where(x <= 0, 0, x) keeps NaN as NaN, like torch.relu / hardtanh. The mask follows
+    reference.py: ReLU passes NaN (not x <= 0), as torch's kernels do; the clamp blocks it.
+    """
+    y = tl.where(x <= 0, 0.0, x)
+    if HAS_UPPER:
+        y = tl.where(y >= upper, upper, y)
+        passes = (x > 0) & (x < upper) & ok
+    else:
+        passes = ~(x <= 0) & ok
+    return y, passes
+
+
+@triton.jit
 def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc_ptr,
                          numel, C, HW, K, s_n, s_c, s_hw, upper,
                          HAS_AFFINE: tl.constexpr, HAS_UPPER: tl.constexpr,
@@ -83,14 +99,7 @@ def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
         sc = tl.load(scale_ptr + c, mask=ok, other=0).to(tl.float32)
         sh = tl.load(shift_ptr + c, mask=ok, other=0).to(tl.float32)
         x = x * sc + sh
-    # where(x <= 0, 0, x) keeps NaN as NaN, like torch.relu / hardtanh. The mask
-    # follows reference.py: ReLU passes NaN (not x <= 0), the clamp blocks it.
-    y = tl.where(x <= 0, 0.0, x)
-    if HAS_UPPER:
-        y = tl.where(y >= upper, upper, y)
-        passes = (x > 0) & (x < upper) & ok
-    else:
-        passes = ~(x <= 0) & ok            # NaN passes for ReLU, as in torch's kernels
+    y, passes = _clamp_with_mask(x, ok, upper, HAS_UPPER)
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
     bits = tl.sum(passes.to(tl.int32) << j[None, :], axis=1)
     tl.store(mask_ptr + b, bits.to(tl.uint8), mask=b * 8 < numel)
@@ -98,6 +107,32 @@ def _act_fwd_flat_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
         k = tl.load(pos_ptr + c, mask=ok, other=-1).to(n.dtype)
         tl.store(xc_ptr + (n * K + k) * HW + hw, y.to(xc_ptr.dtype.element_ty),
                  mask=ok & (k >= 0))
+
+
+@triton.jit
+def _act_rows_tile(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc_ptr, off, ok,
+                   c, c_ok, n, row, bh, j, hw3, HW, K, upper, HAS_AFFINE: tl.constexpr,
+                   HAS_UPPER: tl.constexpr, HAS_COMPACT: tl.constexpr):
+    """One tile [R, BYTES_HW, 8] of whole-byte rows: R (n, c) rows of H*W (H*W % 8 == 0).
+
+    ``c``, ``c_ok``, ``row = n*C + c`` (and ``n`` unless a scalar) are per tile row;
+    ``off``/``ok`` address x and y. Applies the affine and the clamp, writes y, the mask
+    bytes and the compact copy of the selected channels.
+    """
+    x = tl.load(x_ptr + off, mask=ok, other=0).to(tl.float32)
+    if HAS_AFFINE:
+        sc = tl.load(scale_ptr + c, mask=c_ok, other=0).to(tl.float32)
+        sh = tl.load(shift_ptr + c, mask=c_ok, other=0).to(tl.float32)
+        x = x * sc[:, None, None] + sh[:, None, None]
+    y, passes = _clamp_with_mask(x, ok, upper, HAS_UPPER)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
+    bits = tl.sum(passes.to(tl.int32) << j[None, None, :], axis=2)       # [R, BYTES_HW]
+    tl.store(mask_ptr + (row * (HW // 8))[:, None] + bh[None, :], bits.to(tl.uint8),
+             mask=c_ok[:, None] & (bh * 8 < HW)[None, :])
+    if HAS_COMPACT:
+        k = tl.load(pos_ptr + c, mask=c_ok, other=-1).to(tl.int64)
+        dst = ((n.to(tl.int64) * K + k) * HW)[:, None, None] + hw3
+        tl.store(xc_ptr + dst, y.to(xc_ptr.dtype.element_ty), mask=ok & (k >= 0)[:, None, None])
 
 
 @triton.jit
@@ -123,25 +158,8 @@ def _act_fwd_rows_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, 
     hw3 = hw[None, :, :]
     ok = r_ok[:, None, None] & (hw3 < HW)
     off = (r * HW)[:, None, None] + hw3
-    x = tl.load(x_ptr + off, mask=ok, other=0).to(tl.float32)
-    if HAS_AFFINE:
-        sc = tl.load(scale_ptr + c, mask=r_ok, other=0).to(tl.float32)
-        sh = tl.load(shift_ptr + c, mask=r_ok, other=0).to(tl.float32)
-        x = x * sc[:, None, None] + sh[:, None, None]
-    y = tl.where(x <= 0, 0.0, x)
-    if HAS_UPPER:
-        y = tl.where(y >= upper, upper, y)
-        passes = (x > 0) & (x < upper) & ok
-    else:
-        passes = ~(x <= 0) & ok            # NaN passes for ReLU, as in torch's kernels
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
-    bits = tl.sum(passes.to(tl.int32) << j[None, None, :], axis=2)       # [BLOCK_R, BYTES_HW]
-    tl.store(mask_ptr + (r * (HW // 8))[:, None] + bh[None, :], bits.to(tl.uint8),
-             mask=r_ok[:, None] & (bh * 8 < HW)[None, :])
-    if HAS_COMPACT:
-        k = tl.load(pos_ptr + c, mask=r_ok, other=-1).to(tl.int64)
-        dst = ((n.to(tl.int64) * K + k) * HW)[:, None, None] + hw3
-        tl.store(xc_ptr + dst, y.to(xc_ptr.dtype.element_ty), mask=ok & (k >= 0)[:, None, None])
+    _act_rows_tile(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc_ptr, off, ok,
+                   c, r_ok, n, r, bh, j, hw3, HW, K, upper, HAS_AFFINE, HAS_UPPER, HAS_COMPACT)
 
 
 @triton.jit
@@ -164,27 +182,9 @@ def _act_fwd_cl_kernel(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc
     hw3 = hw[None, :, :]
     ok = (c3 < C) & (hw3 < HW)
     off = n * s_n + c3 + hw3 * s_hw
-    x = tl.load(x_ptr + off, mask=ok, other=0).to(tl.float32)
-    if HAS_AFFINE:
-        c_ok = c < C
-        sc = tl.load(scale_ptr + c, mask=c_ok, other=0).to(tl.float32)
-        sh = tl.load(shift_ptr + c, mask=c_ok, other=0).to(tl.float32)
-        x = x * sc[:, None, None] + sh[:, None, None]
-    y = tl.where(x <= 0, 0.0, x)
-    if HAS_UPPER:
-        y = tl.where(y >= upper, upper, y)
-        passes = (x > 0) & (x < upper) & ok
-    else:
-        passes = ~(x <= 0) & ok            # NaN passes for ReLU, as in torch's kernels
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
-    bits = tl.sum(passes.to(tl.int32) << j[None, None, :], axis=2)       # [BLOCK_C, BYTES_HW]
-    row = n * C + c
-    tl.store(mask_ptr + (row * (HW // 8))[:, None] + bh[None, :], bits.to(tl.uint8),
-             mask=(c < C)[:, None] & (bh * 8 < HW)[None, :])
-    if HAS_COMPACT:
-        k = tl.load(pos_ptr + c, mask=c < C, other=-1).to(tl.int64)
-        dst = ((n * K + k) * HW)[:, None, None] + hw3
-        tl.store(xc_ptr + dst, y.to(xc_ptr.dtype.element_ty), mask=ok & (k >= 0)[:, None, None])
+    _act_rows_tile(x_ptr, y_ptr, mask_ptr, scale_ptr, shift_ptr, pos_ptr, xc_ptr, off, ok,
+                   c, c < C, n, n * C + c, bh, j, hw3, HW, K, upper, HAS_AFFINE, HAS_UPPER,
+                   HAS_COMPACT)
 
 
 def _rows_tile(HW: int) -> tuple[int, int]:

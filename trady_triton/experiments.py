@@ -317,31 +317,26 @@ def format_markdown(summary: dict) -> str:
                 f"{row['saved_bytes_measured'] / 2 ** 20:.3f} | "
                 f"{100 * row['saved_bytes_measured'] / row['plain_full_finetune_bytes']:.1f}% |")
         lines.append("")
-    comps = summary["comparisons"]
-    if comps:
-        lines.append("### Paired differences (same seed), accuracy points")
+    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+        lines.extend([title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
+        lines.extend("| " + " | ".join(row) + " |" for row in rows)
         lines.append("")
-        lines.append("| model | data | budget | comparison | mean diff ± std | wins / seeds |")
-        lines.append("|---|---|---|---|---|---|")
-        for c in comps:
-            d = c["diff"]
-            if not d.get("n"):
-                continue
-            lines.append(f"| {c['model']} | {c['data']} | {c['budget']} | {c['a']} − {c['b']} | "
-                         f"{100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | "
-                         f"{c['wins']} / {d['n']} |")
-        lines.append("")
+
+    def diff(c: dict) -> str:
+        return f"{100 * c['diff']['mean']:+.1f} ± {100 * c['diff']['std']:.1f}"
+
+    comps = [c for c in summary["comparisons"] if c["diff"].get("n")]
+    if summary["comparisons"]:
+        table("### Paired differences (same seed), accuracy points",
+              ["model", "data", "budget", "comparison", "mean diff ± std", "wins / seeds"],
+              [[c["model"], c["data"], c["budget"], f"{c['a']} − {c['b']}", diff(c),
+                f"{c['wins']} / {c['diff']['n']}"] for c in comps])
     pooled = summary.get("pooled") or []
     if pooled:
-        lines.append("### Paired differences pooled over data sets and budgets, accuracy points")
-        lines.append("")
-        lines.append("| comparison | model | mean diff ± std | wins / losses / pairs |")
-        lines.append("|---|---|---|---|")
-        for c in pooled:
-            d = c["diff"]
-            lines.append(f"| {c['a']} − {c['b']} | {c['model']} | {100 * d['mean']:+.1f} ± "
-                         f"{100 * d['std']:.1f} | {c['wins']} / {c['losses']} / {d['n']} |")
-        lines.append("")
+        table("### Paired differences pooled over data sets and budgets, accuracy points",
+              ["comparison", "model", "mean diff ± std", "wins / losses / pairs"],
+              [[f"{c['a']} − {c['b']}", c["model"], diff(c),
+                f"{c['wins']} / {c['losses']} / {c['diff']['n']}"] for c in pooled])
     return "\n".join(lines)
 
 
