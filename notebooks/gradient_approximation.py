@@ -237,17 +237,17 @@ print(A.format_table(sweep_table, list(sweep_table[0]), {"budget %": ".2f", "cos
 # - **Per step, a random 2 % draw sees little of the gradient; the RGN oracle sees much more.**
 #   At the paper's smallest budget (2.23 % of the memory units), the mean per-step cosine
 #   between the sparse and the full gradient is 0.11-0.15 for the four random policies on both
-#   nets. D-/S-DetRGN reach 0.42-0.48 (MCUNet-in1) and 0.54-0.56 (EfficientNet-Lite0). This
+#   nets. D-/S-DetRGN reach 0.42-0.48 (MCUNet-in1) and 0.55-0.56 (EfficientNet-Lite0). This
 #   follows from `heavy_tails`: a few channels carry most of the gradient, and a uniform draw
 #   rarely holds them.
 # - **Accumulated over epochs, re-drawing helps the direction, but modestly.** D- policies
 #   update 10-14 % of the body weights over 5 epochs, against 2-3 % for S- policies. The plain
 #   accumulated cosine hardly shows it: D-TopK 0.14 vs S-TopK 0.11 on MCUNet-in1, and 0.11 vs
 #   0.14 (reversed) on EfficientNet-Lite0. The reason is that the full update of the first
-#   epoch is 20-60 times larger than that of the last (fresh classifier, then cosine decay;
+#   epoch is 11-80 times larger than that of the last (fresh classifier, then cosine decay;
 #   printed above), so the sum is mostly the first draws. Weigh every epoch the same
 #   (`cos unit`) and the dynamic variants come out ahead: MCUNet-in1 D-TopK 0.15 vs S-TopK
-#   0.11, D-DetRGN 0.38 vs S-DetRGN 0.32; EfficientNet-Lite0 D-FullRandom 0.18 vs 0.13,
+#   0.11, D-DetRGN 0.38 vs S-DetRGN 0.32; EfficientNet-Lite0 D-FullRandom 0.175 vs 0.13,
 #   D-TopK 0.16 vs 0.15. Replayed over full fine-tuning's gradients, D-TopK beats S-TopK at
 #   every budget from 2.23 % up. On MCUNet-in1 the equal-weight cosine is 0.22 vs 0.16 at
 #   2.23 %, 0.40 vs 0.30 at 7.48 % and 0.69 vs 0.64 at 30 %; on EfficientNet-Lite0 it is 0.23
@@ -259,14 +259,14 @@ print(A.format_table(sweep_table, list(sweep_table[0]), {"budget %": ".2f", "cos
 #   scale (an unbiased estimate would divide by each channel's probability of being drawn);
 #   in plain terms a 2 % budget does not reproduce the full update.
 # - **TopK vs FullRandom.** Restricting the draw to the top-K layers helps the approximation on
-#   EfficientNet-Lite0 (replay at 2.23 %: 0.23 vs 0.19 equal-weight cosine) and makes no
+#   EfficientNet-Lite0 (replay at 2.23 %: 0.23 vs 0.20 equal-weight cosine) and makes no
 #   consistent difference on MCUNet-in1, whose top 18 layers hold almost all the RGN anyway.
 # - **Disagreements with the paper.** (1) The deterministic RGN oracle approximates the full
 #   update far better than any random policy, at every budget (replay at 30 %: D-DetRGN 0.91
 #   on both nets vs 0.54-0.71 equal-weight cosine for the random policies). So if TraDy beats DetRGN in accuracy, as in the paper's
 #   Table 1, the reason is not a better gradient approximation in this sense. (2) On our short
 #   runs DetRGN also trains *worse*: test accuracy 0.50 / 0.36 (D-/S-, MCUNet-in1) against
-#   0.68 for TraDy, and 0.68 / 0.70 against 0.71 on EfficientNet-Lite0. The paper has
+#   0.68 for TraDy, and 0.69 / 0.70 against 0.71 on EfficientNet-Lite0. The paper has
 #   D-DetRGN within 0.3 points of TraDy. Here a better approximation of the full gradient
 #   does not predict accuracy. Caveats: one seed, 192 images, 5 epochs, and learning rates
 #   tuned per policy by the runner (DetRGN's are 2-10x lower than the random policies'). The accuracies are

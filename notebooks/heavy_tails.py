@@ -196,8 +196,8 @@ print(A.format_table(rows, list(rows[0]), {k: ".3f" for k in rows[0] if k not in
 #   (`alpha with zeros`). We drop them. Anyone who reproduces a tail index on small inputs
 #   should do the same.
 # - **A few channels carry most of the gradient.** The top 1 % of input channels hold 33-54 %
-#   of the large-batch gradient's squared norm on MCUNet-in1 and 25-34 % on
-#   EfficientNet-Lite0; the top 10 % hold 76-93 %. A single minibatch's gradient is just as
+#   of the large-batch gradient's squared norm on MCUNet-in1 and 29-36 % on
+#   EfficientNet-Lite0; the top 10 % hold 77-93 %. A single minibatch's gradient is just as
 #   concentrated (top-10 % share within 0.02 of the large-batch one). Full fine-tuning of
 #   MCUNet-in1 spreads it a little over the epochs (top 1 %: 49 % to 33 %).
 # - **What it means for the policies.** At the paper's smallest budget (about 2 % of the
