@@ -150,7 +150,9 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         (forward and backward), which on a GPU is host time the step waits on. The
         cache key holds the version counter and storage of the weight, bias and
         statistics, so in-place updates (``load_state_dict``, ``.to()``, ``copy_``)
-        refresh it. Under torch.compile the values are computed in the graph.
+        refresh it; writes through ``.data`` bypass the version counter and are not
+        seen (use ``copy_`` under ``torch.no_grad()``). Under torch.compile the values
+        are computed in the graph.
         """
         tensors = (self.weight, self.bias, self.running_mean, self.running_var)
         if torch.compiler.is_compiling():
