@@ -365,8 +365,10 @@ def _compile_specs():
             yield _act_fwd_flat_kernel, sig, cst, {"num_warps": NUM_WARPS}
         for affine, upper, compact in ((True, True, True), (False, False, False)):
             flags = {"HAS_AFFINE": affine, "HAS_UPPER": upper, "HAS_COMPACT": compact}
-            for hw in (8, 64, 4096, 8192):          # one tile of each shape _rows_tile makes
-                br, bh = _rows_tile(hw)
+            # every tile _rows_tile makes (H*W = 8 .. 8 * ROWS_TILE_BYTES and beyond) with
+            # every branch on; the all-off variant on one tile
+            row_tiles = sorted({_rows_tile(8 << i) for i in range(ROWS_TILE_BYTES.bit_length())})
+            for br, bh in (row_tiles if affine else row_tiles[:1]):
                 sig = dict(base)
                 sig.update({n: "i32" for n in ("ROWS", "C", "HW", "K", "num_hw_blocks")})
                 sig["upper"] = "fp32"
