@@ -22,7 +22,7 @@ from . import _checks
 # One tile = 4096 elements: large enough to stream, small enough for registers.
 INNER_FAST_TILES = ((4, 1024), (16, 256), (64, 64), (256, 16))      # (BLOCK_K, BLOCK_I)
 CHANNEL_FAST_TILES = ((16, 256), (32, 128), (64, 64), (128, 32))     # (BLOCK_K, BLOCK_I)
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from . import _checks
 
 FLAT_BYTES = 512                         # 4096 elements per program
 CL_TILES = ((16, 256), (32, 128), (64, 64))    # (BLOCK_C, BLOCK_HW)
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit
