@@ -35,11 +35,14 @@ KERNEL_TESTS = ("tests/test_kernels_compaction.py", "tests/test_kernels_masks.py
                 "tests/test_kernels_end_to_end.py")
 
 
-def _env(device: str) -> dict:
+def _env(device: str, autotune: bool) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH)] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["TRADY_AUTOTUNE"] = "0"            # tests: first config; the bench autotunes itself
+    # the tests check every kernel with its first config; the bench autotunes (unless the
+    # caller pinned it with TRADY_AUTOTUNE=0 in the environment)
+    if not autotune:
+        env["TRADY_AUTOTUNE"] = "0"
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     return env
@@ -66,8 +69,9 @@ def run_tests(args, out: Path) -> dict:
     started = time.time()
     with open(out / "tests.log", "w") as log:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device), stdout=log,
-                                stderr=subprocess.STDOUT, timeout=args.tests_s).returncode
+            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device, autotune=False),
+                                stdout=log, stderr=subprocess.STDOUT,
+                                timeout=args.tests_s).returncode
         except subprocess.TimeoutExpired:
             rc = f"stopped after {args.tests_s:.0f} s (--tests-s)"
     result = {"rc": rc, "wall_s": time.time() - started, **junit_counts(out / "tests.xml")}
@@ -78,7 +82,7 @@ def run_bench(args, out: Path, seconds: float) -> int:
     mode = args.bench_mode or ("quick" if args.quick else "full")
     cmd = [sys.executable, str(BENCH / "run_bench.py"), "--device", args.device, "--mode", mode,
            "--out", str(out / "bench"), "--budget-s", f"{seconds:.0f}", "--grace-s", "15"]
-    return subprocess.run(cmd, cwd=REPO, env=_env(args.device)).returncode
+    return subprocess.run(cmd, cwd=REPO, env=_env(args.device, autotune=True)).returncode
 
 
 def main(argv=None) -> int:

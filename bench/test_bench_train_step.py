@@ -332,3 +332,12 @@ def test_gpu_session_script_runs_tests_then_bench(tmp_path):
     assert results["train_step"] and not results["errors"]
     assert "[gpu_session] tests:" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith("[gpu_session] tests rc 0")
+
+
+def test_gpu_session_pins_autotuning_for_the_tests_only(monkeypatch):
+    from gpu_session import _env
+
+    monkeypatch.delenv("TRADY_AUTOTUNE", raising=False)
+    assert _env("cuda", autotune=False)["TRADY_AUTOTUNE"] == "0"
+    assert "TRADY_AUTOTUNE" not in _env("cuda", autotune=True)      # the bench autotunes
+    assert _env("cpu", autotune=True)["TRITON_INTERPRET"] == "1"
