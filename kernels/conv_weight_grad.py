@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks, _splitk
+from ._chunks import _chunk_rows, _split_chunks
 from .depthwise_weight_grad import launch_depthwise_wgrad
 from .gemm_weight_grad import (GPU_CONFIGS, INNER_BLOCKS, INTERPRET_CONFIG, inner_block,
                                launch_gemm_wgrad)
@@ -80,26 +81,13 @@ def _conv_wgrad_kernel(x_ptr, dy_ptr, idx_ptr, out_ptr,
     i = tl.arange(0, BLOCK_L)
     i_row = i // BI
     i_col = i % BI
-    # this split's rows (n, p) of the flattened N*P output rows
-    r_start = split * R_PER_SPLIT
-    r_end = tl.minimum(R, r_start + R_PER_SPLIT)
+    r_start, r_end, n_pb, n_qb, j_start, j_end = _split_chunks(split, R_PER_SPLIT, R, P, Q,
+                                                               RB, BI)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # chunks (n, p-block, q-block) meeting this split's rows, as one flat loop
-    n_pb = (P + RB - 1) // RB
-    n_qb = (Q + BI - 1) // BI
-    n_first = r_start // P
-    n_last = (r_end - 1) // P
-    j_start = (n_first * n_pb + (r_start - n_first * P) // RB) * n_qb
-    j_end = (n_last * n_pb + (r_end - 1 - n_last * P) // RB + 1) * n_qb
     for j in range(j_start, j_end):
-        qb = j % n_qb
-        rest = j // n_qb
-        pb = rest % n_pb
-        n = rest // n_pb
-        p = pb * RB + i_row
-        q = qb * BI + i_col
-        row = n * P + p
-        l_ok = (p < P) & (row >= r_start) & (row < r_end) & (q < Q)
+        n, p, q, p_ok, q_ok = _chunk_rows(j, n_pb, n_qb, i_row, i_col, P, Q, r_start, r_end,
+                                          RB, BI)
+        l_ok = p_ok & q_ok
         hp = p * stride_h
         wq = q * stride_w
         h = hp[:, None] + h_off[None, :]

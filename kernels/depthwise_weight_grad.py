@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks, _splitk
+from ._chunks import _chunk_rows, _split_chunks
 from .gemm_weight_grad import INNER_BLOCKS, inner_block
 
 GPU_CONFIGS_NCHW = (   # (BLOCK_L, BLOCK_P, num_warps, num_stages)
@@ -64,26 +65,12 @@ def _dw_wgrad_kernel(x_ptr, dy_ptr, idx_ptr, out_ptr,
     i_col = i % BI
     h_off = r * dil_h - pad_h
     w_off = s * dil_w - pad_w
-    r_start = split * R_PER_SPLIT
-    r_end = tl.minimum(R, r_start + R_PER_SPLIT)
+    r_start, r_end, n_pb, n_qb, j_start, j_end = _split_chunks(split, R_PER_SPLIT, R, P, Q,
+                                                               RB, BI)
     acc = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)
-    # chunks (n, p-block, q-block) meeting this split's rows, as one flat loop
-    n_pb = (P + RB - 1) // RB
-    n_qb = (Q + BI - 1) // BI
-    n_first = r_start // P
-    n_last = (r_end - 1) // P
-    j_start = (n_first * n_pb + (r_start - n_first * P) // RB) * n_qb
-    j_end = (n_last * n_pb + (r_end - 1 - n_last * P) // RB + 1) * n_qb
     for j in range(j_start, j_end):
-        qb = j % n_qb
-        rest = j // n_qb
-        pb = rest % n_pb
-        n = rest // n_pb
-        p = pb * RB + i_row
-        q = qb * BI + i_col
-        row = n * P + p
-        p_ok = (p < P) & (row >= r_start) & (row < r_end)
-        q_ok = q < Q
+        n, p, q, p_ok, q_ok = _chunk_rows(j, n_pb, n_qb, i_row, i_col, P, Q, r_start, r_end,
+                                          RB, BI)
         h = p * stride_h + h_off
         w = q * stride_w + w_off
         x_ok = p_ok & q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
