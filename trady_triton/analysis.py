@@ -278,6 +278,18 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2
     return correct / len(x)
 
 
+def _start_run(task, policy, lr, keep_ratio, ranking, seed, batch_size, max_batches):
+    """(policy, lr, fresh model in train mode, epoch-0 batches, controller, trained body
+    layers) of one trajectory; ``lr=None`` takes the policy's tuned rate."""
+    pol = sampling.get_policy(policy)
+    lr = policy_lr(task.model_name, pol.name) if lr is None else lr
+    model = task.fresh_model()
+    first = task.batches(batch_size, seed, 0, max_batches=max_batches)
+    controller = _make_controller(task, model, pol.name, keep_ratio, ranking, seed, first[0][0])
+    model.train()
+    return pol, lr, model, first, controller, _body(controller)
+
+
 def track_sparse_training(task: Task, policy: str, *, keep_ratio: float | None = None,
                           ranking: LayerRanking | None = None, epochs: int = 3,
                           batch_size: int = 32, lr: float | None = None,
@@ -307,13 +319,8 @@ def track_sparse_training(task: Task, policy: str, *, keep_ratio: float | None =
     """
     from .train import lr_at
 
-    pol = sampling.get_policy(policy)
-    lr = policy_lr(task.model_name, pol.name) if lr is None else lr
-    model = task.fresh_model()
-    first = task.batches(batch_size, seed, 0, max_batches=max_batches)
-    controller = _make_controller(task, model, pol.name, keep_ratio, ranking, seed, first[0][0])
-    model.train()
-    body = _body(controller)
+    pol, lr, model, first, controller, body = _start_run(task, policy, lr, keep_ratio, ranking,
+                                                         seed, batch_size, max_batches)
     steps_per_epoch = len(first)
     total, warm = steps_per_epoch * epochs, steps_per_epoch * warmup_epochs
     zeros = {l.name: torch.zeros_like(controller.modules[l.name].weight, dtype=torch.float64)
@@ -421,13 +428,8 @@ def reference_trajectory(task: Task, *, policy: str = "full", keep_ratio: float 
     from .cost import full_units
     from .train import lr_at
 
-    pol = sampling.get_policy(policy)
-    lr = policy_lr(task.model_name, pol.name) if lr is None else lr
-    model = task.fresh_model()
-    first = task.batches(batch_size, seed, 0, max_batches=max_batches)
-    controller = _make_controller(task, model, pol.name, keep_ratio, ranking, seed, first[0][0])
-    model.train()
-    body = _body(controller)
+    pol, lr, model, first, controller, body = _start_run(task, policy, lr, keep_ratio, ranking,
+                                                         seed, batch_size, max_batches)
     steps_per_epoch = len(first)
     total, warm = steps_per_epoch * epochs, steps_per_epoch * warmup_epochs
     head = model.get_submodule(controller.classifier) if controller.classifier else None
