@@ -156,19 +156,15 @@ class FrozenLinear(Function):
         return grad_y @ _as(weight, grad_y.dtype), None, grad_b
 
 
-def frozen_bn_scale(weight, running_var, eps):
-    """Per-channel scale of a BatchNorm with frozen statistics (backward needs only this)."""
+def frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps, dtype):
+    """Per-channel (scale, shift) of a BatchNorm with frozen statistics, in ``dtype``."""
     scale = torch.rsqrt(running_var + eps)
-    return scale if weight is None else scale * weight
-
-
-def frozen_bn_scale_shift(weight, bias, running_mean, running_var, eps):
-    """Per-channel (scale, shift) of a BatchNorm with frozen statistics."""
-    scale = frozen_bn_scale(weight, running_var, eps)
+    if weight is not None:
+        scale = scale * weight
     shift = -running_mean * scale
     if bias is not None:
         shift = shift + bias
-    return scale, shift
+    return scale.to(dtype), shift.to(dtype)
 
 
 def _per_channel(v: Tensor, ndim: int) -> Tensor:

@@ -156,16 +156,14 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         """
         tensors = (self.weight, self.bias, self.running_mean, self.running_var)
         if torch.compiler.is_compiling():
-            scale, shift = fn.frozen_bn_scale_shift(*tensors, self.eps)
-            return scale.to(dtype), shift.to(dtype)
+            return fn.frozen_bn_scale_shift(*tensors, self.eps, dtype)
         key = (dtype, self.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.device)
                                         for t in tensors)
         cache = self.__dict__.get("_frozen_cache")
         if cache is not None and cache[0] == key:
             return cache[1], cache[2]
         with torch.no_grad():
-            scale, shift = fn.frozen_bn_scale_shift(*tensors, self.eps)
-            scale, shift = scale.to(dtype), shift.to(dtype)
+            scale, shift = fn.frozen_bn_scale_shift(*tensors, self.eps, dtype)
         self.__dict__["_frozen_cache"] = (key, scale, shift)
         return scale, shift
 
