@@ -205,6 +205,10 @@ def _worker_sections(args, device, jsonl, ends, finished, ceilings, k_warm, k_re
 
     for section, end in ends:
         items = plan_items(section, args.mode, device)
+        # device-only (CUDA graph) times for the core kernel cases at their largest batch
+        # (about 0.5 s a case; the sweep's time goes to more shapes)
+        graph_batch = max((i["batch"] for i in items), default=None) \
+            if section == "kernels_core" else None
         skipped = 0
         cap_set = False
         try:
@@ -231,12 +235,8 @@ def _worker_sections(args, device, jsonl, ends, finished, ceilings, k_warm, k_re
                     elif section.startswith("kernels"):
                         from _kernel_bench import finish_metrics, run_case
                         case = {k: item[k] for k in ("kind", "name", "batch", "dtype", "keep")}
-                        # device-only times for the core cases at the largest batch
-                        # (about 0.5 s a case; the sweep's time goes to more shapes)
-                        graph = section == "kernels_core" and item["batch"] == max(
-                            i["batch"] for i in items)
                         res = run_case(case, device, ceilings, args.backend, k_warm, k_rep,
-                                       full_cache, graph_times=graph)
+                                       full_cache, graph_times=item["batch"] == graph_batch)
                         rec["result"] = finish_metrics(res, ceilings)
                     elif section == "train_step":
                         if args.backend != "auto" and item.get("backend") == "auto":
