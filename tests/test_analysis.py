@@ -13,7 +13,7 @@ import trady_triton as tt
 from trady_triton import analysis as A
 from trady_triton.ranking import LayerRanking, channel_rgn
 
-from test_convert import small_net
+from helpers import small_net
 
 
 def _task(n_train=24, n_test=8, classes=5, seed=0):

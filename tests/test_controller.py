@@ -7,7 +7,7 @@ import torch
 
 import trady_triton as tt
 
-from test_convert import small_net
+from helpers import small_net
 
 X = torch.randn(2, 3, 15, 13)
 

@@ -10,36 +10,7 @@ import trady_triton as tt
 from trady_triton import layers as L
 from trady_triton.convert import TRADY_TYPES
 
-
-class InvertedResidual(nn.Module):
-    """A torchvision-style block with in-place activations and a residual add."""
-
-    def __init__(self, channels, hidden):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
-
-    def forward(self, x):
-        return x + self.conv(x)
-
-
-def small_net(num_classes=5):
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
-        InvertedResidual(8, 16), InvertedResidual(8, 24),
-        nn.Conv2d(8, 12, 1), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, num_classes))
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return net
+from helpers import small_net
 
 
 def test_state_dict_keys_unchanged_both_ways_and_revert_gives_plain_modules():

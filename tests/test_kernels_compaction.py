@@ -10,27 +10,10 @@ from trady_triton import reference as ref
 from trady_triton.kernels import affine_relu_compact, compact_channels, unpack_mask
 from trady_triton.kernels.testing import poisoned, tolerances
 
+from helpers import make_idx
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ORDERS = ["first", "last", "reversed", "shuffled", "all", "repeated"]
-
-
-def make_idx(order: str, C: int, device, dtype=torch.int32, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if order == "first":
-        v = [0]
-    elif order == "last":
-        v = [C - 1]
-    elif order == "reversed":
-        v = list(range(C - 1, -1, -2))
-    elif order == "shuffled":
-        v = torch.randperm(C, generator=g)[: C // 2 + 1].tolist()
-    elif order == "all":
-        v = list(range(C))
-    elif order == "repeated":
-        v = [min(3, C - 1), 0, C - 1, min(3, C - 1)]
-    else:
-        raise AssertionError(order)
-    return torch.tensor(v, dtype=dtype, device=device)
 
 
 def rand(shape, dtype, device, layout="nchw", seed=0, scale=1.0):

@@ -14,7 +14,7 @@ from trady_triton import reference as ref
 from trady_triton.kernels import conv2d_weight_grad_masked, linear_weight_grad_masked
 from trady_triton.kernels.testing import poisoned, tolerances
 
-from test_kernels_compaction import make_idx
+from helpers import make_idx
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

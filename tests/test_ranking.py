@@ -10,7 +10,7 @@ import torch.nn as nn
 import trady_triton as tt
 from trady_triton.ranking import LayerRanking, channel_grad_norms
 
-from test_convert import small_net
+from helpers import small_net
 
 
 @pytest.mark.parametrize("groups,cin,cout", [(1, 5, 7), (5, 5, 10), (2, 6, 4)])

@@ -11,7 +11,7 @@ import trady_triton as tt
 from trady_triton import reference
 from trady_triton.optim import owned_entries
 
-from test_convert import small_net
+from helpers import small_net
 
 X = torch.randn(8, 3, 15, 13, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])

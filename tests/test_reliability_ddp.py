@@ -33,7 +33,7 @@ def _batch(epoch, step):
 
 def _setup():
     import trady_triton as tt
-    from test_convert import small_net
+    from helpers import small_net
     net = small_net().double()
     controller = tt.convert(net, 0.3, example_input=_batch(0, 0)[0], policy="d-fullrandom", seed=7)
     net.train()

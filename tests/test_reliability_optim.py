@@ -14,7 +14,7 @@ import torch.nn as nn
 import trady_triton as tt
 from trady_triton.optim import owned_entries
 
-from test_convert import small_net
+from helpers import small_net
 
 X = torch.randn(4, 3, 15, 13, generator=torch.Generator().manual_seed(0))
 T = torch.tensor([0, 1, 2, 3])

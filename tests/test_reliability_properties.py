@@ -22,7 +22,7 @@ from trady_triton.convert import swap_modules
 from trady_triton.optim import owned_entries
 
 from _requirements import missing
-from test_convert import small_net
+from helpers import small_net
 
 if not torch.cuda.is_available():       # conftest does it too; needed before kernels import
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -15,7 +15,7 @@ import torch.nn as nn
 import trady_triton as tt
 from trady_triton.ranking import LayerRanking
 
-from test_convert import small_net
+from helpers import small_net
 
 EXAMPLE = torch.randn(4, 3, 15, 13, generator=torch.Generator().manual_seed(0))
 EPOCHS, STEPS = 3, 4

@@ -15,7 +15,7 @@ import torch.nn as nn
 import trady_triton as tt
 from trady_triton.convert import TRADY_TYPES
 
-from test_convert import small_net
+from helpers import small_net
 
 STEPS, RESAMPLE_EVERY, WARMUP, BATCH = 300, 10, 60, 8
 RSS_SLACK = 4 * 2 ** 20      # bytes of RSS growth tolerated after warm-up
