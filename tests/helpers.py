@@ -56,3 +56,27 @@ def make_idx(order: str, C: int, device, dtype=torch.int32, seed: int = 0) -> to
     else:
         raise AssertionError(order)
     return torch.tensor(v, dtype=dtype, device=device)
+
+
+def model_state(model: nn.Module) -> dict:
+    """What a user sees of a model: module objects and types, values, flags, hooks, attributes."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    return {
+        "modules": [(name, id(m), type(m)) for name, m in modules],
+        "parameters": [(name, id(p), p.requires_grad)
+                       for name, p in model.named_parameters(remove_duplicate=False)],
+        "training": [(name, m.training) for name, m in modules],
+        "hooks": [(name, key, list(value.items())) for name, m in modules
+                  for key, value in sorted(vars(m).items()) if "hooks" in key],
+        "attributes": [(name, sorted(vars(m)), sorted(m._buffers),
+                        sorted(m._non_persistent_buffers_set)) for name, m in modules],
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def assert_same_model_state(before: dict, after: dict) -> None:
+    for key in ("modules", "parameters", "training", "hooks", "attributes"):
+        assert after[key] == before[key], key
+    assert list(after["state_dict"]) == list(before["state_dict"])
+    for name, value in before["state_dict"].items():
+        assert torch.equal(after["state_dict"][name], value), name

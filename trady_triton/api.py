@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 
 from .controller import TraDyController
-from .convert import swap_modules
+from .convert import swap_modules, unswap_modules
 from .profile import find_classifier
 from .ranking import DEFAULT_COVERAGE, LayerRanking, load_ranking, shipped_ranking
 from .sampling import get_policy
+from .snapshot import ModelSnapshot, UserFlags
 
 
 def _check_budget(keep_ratio, budget_units, budget_bytes, policy_pool: str) -> None:
@@ -67,6 +68,12 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
     not change), freezes every parameter, and returns the controller that draws
     the channels to train at each epoch (``controller.resample(epoch)``).
 
+    All or nothing: if anything raises once the model is touched (a budget no
+    channel fits, a ranking naming unknown layers, a profiling forward that
+    fails, KeyboardInterrupt), the model is restored exactly (module objects,
+    ``requires_grad``, training flags, hooks, buffers) before the error
+    propagates. Training flags are never changed.
+
     Args:
         keep_ratio: budget as a fraction in (0, 1] of full fine-tuning's memory
             units (weights + per-sample input activations of the conv/linear
@@ -99,29 +106,40 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
         raise ValueError(f"classifier={classifier!r}: not a module name of this model")
     arch = arch or getattr(model, "arch_name", None)
     resolved_ranking = _resolve_ranking(ranking, arch, example_input)
-    modules = swap_modules(model, freeze_stats=freeze_bn_stats)
-    trainable = [m for n, m in modules.items() if hasattr(m, "selected_channels") and n != classifier]
-    if not trainable:
-        from .convert import unswap_modules
-        unswap_modules(model)
-        raise ValueError("model: nothing to convert: no nn.Conv2d or nn.Linear besides the "
-                         "classifier (supported: Conv2d with zero padding, Linear)")
-    controller = TraDyController(model, modules, policy=chosen.name, keep_ratio=keep_ratio,
-                                 budget_units=budget_units, budget_bytes=budget_bytes,
-                                 ranking=resolved_ranking, coverage=coverage, seed=seed,
-                                 classifier=classifier)
-    if example_input is not None:
-        controller.set_example_input(example_input)
-        if not chosen.needs_scores:   # DetRGN draws after controller.score_channels()
-            controller.resample(0)
-    else:
-        controller.install_lazy_profiling()
+    snapshot, user_flags = ModelSnapshot(model), UserFlags(model)
+    try:
+        modules = swap_modules(model, freeze_stats=freeze_bn_stats)
+        trainable = [m for n, m in modules.items()
+                     if hasattr(m, "selected_channels") and n != classifier]
+        if not trainable:
+            raise ValueError("model: nothing to convert: no nn.Conv2d or nn.Linear besides the "
+                             "classifier (supported: Conv2d with zero padding, Linear)")
+        controller = TraDyController(model, modules, policy=chosen.name, keep_ratio=keep_ratio,
+                                     budget_units=budget_units, budget_bytes=budget_bytes,
+                                     ranking=resolved_ranking, coverage=coverage, seed=seed,
+                                     classifier=classifier, user_flags=user_flags)
+        if example_input is None:
+            controller.install_lazy_profiling()
+        else:
+            controller.set_example_input(example_input)
+            if not chosen.needs_scores:   # DetRGN draws after controller.score_channels()
+                controller.resample(0)
+    except BaseException:
+        snapshot.restore()
+        raise
     return controller
 
 
 def revert(model_or_controller) -> nn.Module:
-    """Plain modules again (accepts the controller or the converted model)."""
+    """Plain modules again, as the user had them (accepts the controller or the converted model).
+
+    Parameters and buffers keep their trained values; each parameter's
+    ``requires_grad`` and each module's training flag are those from before
+    convert(); no TraDy hook, buffer or attribute is left behind.
+    """
     if isinstance(model_or_controller, TraDyController):
         return model_or_controller.revert()
-    from .convert import unswap_modules
-    return unswap_modules(model_or_controller)
+    controller = model_or_controller.__dict__.get("_trady_controller")
+    if controller is not None:
+        return controller.revert()
+    return unswap_modules(model_or_controller)   # swapped without a controller

@@ -5,6 +5,10 @@ At each epoch boundary ``resample(epoch)`` draws the channels to train
 channels gets ``weight.requires_grad = True`` and those channels in its
 ``selected_channels`` buffer; every other layer is frozen. The classifier is
 always trained in full.
+
+The controller's calls are transactional: one that raises (a budget that no
+channel fits, a ranking that names unknown layers) leaves the profile, the
+budget, the pool and the current selection as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from . import sampling
 from .convert import unswap_modules
 from .profile import Profile, profile_model
 from .ranking import LayerRanking, channel_rgn, default_pool, DEFAULT_COVERAGE
+from .snapshot import UserFlags, training_flags_and_buffers_kept
 
 STATE_VERSION = 1
 
@@ -31,8 +36,10 @@ class TraDyController:
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *, policy: str,
                  keep_ratio: float | None, budget_units: int | None, budget_bytes: int | None,
                  ranking: LayerRanking | None, coverage: float, seed: int, classifier: str | None,
-                 train_classifier: bool = True):
+                 train_classifier: bool = True, user_flags: UserFlags | None = None):
         self.model = model
+        self._user_flags = user_flags or UserFlags(model)   # what revert() gives back
+        self._reverted = False
         self.modules = modules
         self.policy = sampling.get_policy(policy)
         self.seed = int(seed)
@@ -52,6 +59,8 @@ class TraDyController:
         self._input_shape: tuple | None = None    # per-sample shape of the profiled input
         self._shape_hook = None
         self._optimizer_masks: list = []
+        self._profiling = False
+        model.__dict__["_trady_controller"] = self   # lets revert(model) find the controller
         self._freeze_all()
 
     # ----------------------------------------------------------------- set-up
@@ -75,25 +84,36 @@ class TraDyController:
         Call it again with an input of a new resolution (then ``resample``) to
         re-evaluate the budget: activation costs depend on the input size, and a
         training forward at another per-sample shape than the profiled one raises.
+        If it raises (e.g. the budget fits no channel at the new size), the
+        previous profile, budget, pool and selection stay in force.
         """
-        if self._shape_hook is not None:          # the profiling forward is not checked
-            self._shape_hook.remove()
-            self._shape_hook = None
-        profile = profile_model(self.model, example_input, self.classifier)
-        names = {l.name for l in profile.layers}
+        profile = self._profile(example_input)
+        if self.ranking is not None:
+            self.ranking.check_layers({l.name for l in profile.layers})
+            pool = self.ranking.top_k(self.coverage)
+        else:
+            body = [l.name for l in profile.layers if not l.is_classifier]
+            pool = body if self.policy.pool != "topk" else \
+                default_pool(body, getattr(self.model, "arch_name", type(self.model).__name__))
+        budget_units = self._budget_for(profile, pool)
+        self.profile, self.pool, self.budget_units = profile, pool, budget_units
+        self._wire_fusions()
+        self._watch_input_shape(example_input)
+
+    def _profile(self, example_input) -> Profile:
+        """One profiling forward that leaves training flags and buffers (BN statistics) as they were."""
+        with training_flags_and_buffers_kept(self.model):
+            profile = profile_model(self.model, example_input, self.classifier)
         if not [l for l in profile.layers if not l.is_classifier]:
             raise ValueError("model: nothing to convert: no Conv2d/Linear layer besides the "
                              "classifier ran in the forward pass")
-        self.profile = profile
-        self.budget_units = self._resolve_budget()
-        if self.ranking is not None:
-            self.ranking.check_layers(names)
-            self.pool = self.ranking.top_k(self.coverage)
-        else:
-            body = [l.name for l in profile.layers if not l.is_classifier]
-            self.pool = default_pool(body, getattr(self.model, "arch_name", type(self.model).__name__)) \
-                if self.policy.pool == "topk" else body
-        self._wire_fusions()
+        return profile
+
+    def _watch_input_shape(self, example_input) -> None:
+        """From now on, a training forward must have the per-sample shape just profiled."""
+        if self._shape_hook is not None:
+            self._shape_hook.remove()
+            self._shape_hook = None
         first = example_input[0] if isinstance(example_input, tuple) else example_input
         self._input_shape = tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None
         if self._input_shape is not None:
@@ -112,19 +132,24 @@ class TraDyController:
                 "re-evaluate them for the new resolution (forwards under torch.no_grad(), "
                 "e.g. evaluation, may use any size)")
 
-    def _resolve_budget(self) -> int | None:
+    def _budget_for(self, profile: Profile, pool: list[str]) -> int | None:
+        """The budget in units at ``profile``'s sizes; it must fit a channel of the pool."""
         keep_ratio, units, nbytes = self._budget_spec
         if self.policy.pool in ("none", "full"):
             return None
-        full = C.full_units(self.profile.layers)
+        full = C.full_units(profile.layers)
         if keep_ratio is not None:
             budget = int(math.floor(keep_ratio * full))
         elif units is not None:
             budget = int(units)
         else:
-            element = self.profile.layers[0].element_bytes
+            element = profile.layers[0].element_bytes
             budget = int(nbytes // element)
-        cheapest = min(l.units_per_channel for l in self.profile.layers if not l.is_classifier)
+        in_pool = [l for l in profile.layers if l.name in set(pool) and not l.is_classifier]
+        if not in_pool:
+            raise ValueError("ranking: the channel pool is empty: no convertible layer besides "
+                             "the classifier is in the ranking's top-K")
+        cheapest = min(l.units_per_channel for l in in_pool)
         if budget < cheapest:
             raise ValueError(f"budget of {budget} units is smaller than the cheapest channel "
                              f"({cheapest} units): allowed budgets are >= {cheapest} units "
@@ -139,6 +164,11 @@ class TraDyController:
             if bn_name in self.modules and act_name in self.modules and consumer_name in self.modules:
                 self.modules[bn_name]._fuse_with = (self.modules[act_name], self.modules[consumer_name])
 
+    def _require_converted(self) -> None:
+        if self._reverted:
+            raise RuntimeError("controller: its model was reverted to plain modules; "
+                               "call convert() again to train it with TraDy")
+
     def _require_profile(self) -> None:
         if self.profile is None:
             raise RuntimeError("the controller has no layer shapes yet: pass example_input to "
@@ -147,11 +177,17 @@ class TraDyController:
     def install_lazy_profiling(self) -> None:
         """Profile and draw at the first forward (when convert() got no example input)."""
         def pre_hook(module, args, kwargs):
+            if self._profiling:          # the profiling forward itself
+                return
+            self._profiling = True
+            try:    # on failure the hook stays: the next forward profiles again
+                self.set_example_input(args if len(args) > 1 else args[0])
+                if not self.policy.needs_scores:
+                    self.resample(0 if self.epoch is None else self.epoch)
+            finally:
+                self._profiling = False
             self._lazy_hook.remove()
             self._lazy_hook = None
-            self.set_example_input(args if len(args) > 1 else args[0])
-            if not self.policy.needs_scores:
-                self.resample(0 if self.epoch is None else self.epoch)
         self._lazy_hook = self.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     # ------------------------------------------------------------- selection
@@ -161,26 +197,37 @@ class TraDyController:
         return self.profile.layers
 
     def resample(self, epoch: int) -> dict[str, torch.Tensor]:
-        """Draw (D-) or reuse (S-) the channels for ``epoch`` and apply them."""
+        """Draw (D-) or reuse (S-) the channels for ``epoch`` and apply them.
+
+        If it raises, the current selection and epoch stay in force.
+        """
         self._require_profile()
-        if not isinstance(epoch, int) or epoch < 0:
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch={epoch!r}: allowed values are integers >= 0")
         if not self.policy.dynamic and self._static_selection is not None:
             selection = self._static_selection
         else:
-            if self.policy.needs_scores and self.channel_scores is None:
-                raise RuntimeError(f"policy {self.policy.name!r} ranks channels by RGN: call "
-                                   "controller.score_channels(batches) before resample()")
-            selection = sampling.draw(self.policy, self.layers, self.pool, self.budget_units,
-                                      self.seed, epoch, self.channel_scores)
-            if not self.policy.dynamic:
-                self._static_selection = selection
-        self.epoch = epoch
+            selection = self._draw(epoch)
         self.apply_selection(selection)
+        if not self.policy.dynamic:
+            self._static_selection = selection
+        self.epoch = epoch
+        return selection
+
+    def _draw(self, epoch: int) -> dict[str, torch.Tensor]:
+        if self.policy.needs_scores and self.channel_scores is None:
+            raise RuntimeError(f"policy {self.policy.name!r} ranks channels by RGN: call "
+                               "controller.score_channels(batches) before resample()")
+        selection = sampling.draw(self.policy, self.layers, self.pool, self.budget_units,
+                                  self.seed, epoch, self.channel_scores)
+        if self.budget_units is not None and not any(v.numel() for v in selection.values()):
+            raise ValueError(f"budget of {self.budget_units} units fits no channel of the "
+                             f"{len(self.pool)} pool layers: give a larger budget")
         return selection
 
     def apply_selection(self, selection: dict[str, torch.Tensor]) -> None:
         """Train exactly ``selection`` (layer name -> input channels); freeze the rest."""
+        self._require_converted()
         by_name = {l.name: l for l in self.layers}
         for name, channels in selection.items():
             if name not in by_name or by_name[name].is_classifier:
@@ -282,13 +329,13 @@ class TraDyController:
         if unknown:
             raise ValueError(f"controller state names pool layers this model does not have: "
                              f"{unknown[:5]}")
+        self.apply_selection(state["selection"])   # validates before it changes anything
         self.seed = int(state["seed"])
         self.pool = list(state["pool"])
         self.budget_units = None if state["budget_units"] < 0 else int(state["budget_units"])
         self._static_selection = state["static_selection"]
         self.channel_scores = state["channel_scores"]
         self.epoch = None if state["epoch"] < 0 else int(state["epoch"])
-        self.apply_selection(state["selection"])
 
     def mask_optimizer(self, optimizer: torch.optim.Optimizer, state: str = "freeze"):
         """Make ``optimizer.step()`` change only the selected channels (and the classifier).
@@ -303,15 +350,24 @@ class TraDyController:
         return mask
 
     def revert(self) -> nn.Module:
-        """Plain torch.nn modules again; parameters keep their trained values."""
-        if self._lazy_hook is not None:
-            self._lazy_hook.remove()
-            self._lazy_hook = None
-        if self._shape_hook is not None:
-            self._shape_hook.remove()
-            self._shape_hook = None
+        """Plain torch.nn modules again, as the user had them before convert().
+
+        Parameters and buffers keep their trained values; each parameter's
+        ``requires_grad`` and each module's training flag are set back to what
+        they were before convert(); the controller's hooks (on the model and on
+        masked optimizers) and every attribute and buffer TraDy added are
+        removed. A second call does nothing.
+        """
+        if self._reverted:
+            return self.model
+        for handle in (self._lazy_hook, self._shape_hook):
+            if handle is not None:
+                handle.remove()
+        self._lazy_hook = self._shape_hook = None
         for mask in list(self._optimizer_masks):
             mask.remove()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        return unswap_modules(self.model)
+        unswap_modules(self.model)
+        self._user_flags.restore(self.model)
+        self.model.__dict__.pop("_trady_controller", None)
+        self._reverted = True
+        return self.model

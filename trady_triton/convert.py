@@ -2,11 +2,18 @@
 
 The swap makes a new module object of the TraDy subclass that shares the
 original's parameters and buffers (same Parameter objects, so optimizers built
-before convert() still see them), and puts it where the original was. No
-torch.nn class is patched; other instances of the same class are untouched.
+before convert() still see them) and hook dictionaries (the user's hook handles
+keep working), and puts it where the original was. No torch.nn class is
+patched; other instances of the same class are untouched.
+
+The swap is driven by the ``SWAPS`` table alone: a TraDy class needs only a
+``_trady_setup()`` method. Whatever the setup adds (attributes, buffers) is
+found and removed by :func:`unswap_modules`, which compares with the original.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.nn as nn
 
@@ -22,8 +29,23 @@ SWAPS = {
     nn.AdaptiveAvgPool2d: L.TraDyAdaptiveAvgPool2d,
 }
 TRADY_TYPES = tuple(SWAPS.values())
-_ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
-                     "_frozen_cache", "_trady_original_class")
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """What a swapped module was: its class, the names it had (to remove what TraDy
+    adds) and the values of the attributes the swap rewrote (conv ``padding``)."""
+
+    cls: type
+    attributes: frozenset
+    buffers: frozenset
+    non_persistent: frozenset
+    rewritten: dict
+
+    @classmethod
+    def of(cls, module: nn.Module, rewritten: dict) -> "_Origin":
+        return cls(type(module), frozenset(module.__dict__), frozenset(module._buffers),
+                   frozenset(module._non_persistent_buffers_set), rewritten)
 
 
 def _symmetric_padding(conv: nn.Conv2d):
@@ -52,9 +74,15 @@ def _convertible(module: nn.Module) -> bool:
 
 
 def _clone_as(module: nn.Module, cls: type) -> nn.Module:
-    """A new ``cls`` instance with ``module``'s state (parameters shared, dicts copied)."""
+    """A new ``cls`` instance with ``module``'s state.
+
+    Parameters and hook dictionaries are shared; the other dicts and sets
+    (parameters, buffers, non-persistent names) are copied, so what the TraDy
+    setup registers never reaches the original module.
+    """
     new = cls.__new__(cls)
-    new.__dict__.update({key: (value.copy() if isinstance(value, dict) else value)
+    new.__dict__.update({key: (value.copy() if isinstance(value, (dict, set))
+                               and "hooks" not in key else value)
                          for key, value in module.__dict__.items()})
     return new
 
@@ -63,6 +91,21 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _trady_copy(module: nn.Module, freeze_stats: bool) -> nn.Module:
+    """The TraDy class of ``module``, sharing its parameters, set up for training."""
+    new = _clone_as(module, SWAPS[type(module)])
+    rewritten = {}
+    if isinstance(new, nn.Conv2d):   # the autograd Functions take integer padding
+        rewritten["padding"] = module.padding
+        new.padding = _symmetric_padding(module)
+    new._trady_origin = _Origin.of(module, rewritten)
+    if isinstance(new, L.TraDyBatchNorm2d):
+        new._trady_setup(freeze_stats)
+    else:
+        new._trady_setup()
+    return new
 
 
 def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Module]:
@@ -77,18 +120,23 @@ def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Mo
         if not name or not _convertible(module):
             continue
         if id(module) not in replaced:
-            new = _clone_as(module, SWAPS[type(module)])
-            new._trady_original_class = type(module)
-            if isinstance(new, nn.Conv2d):
-                new.padding = _symmetric_padding(module)
-            if isinstance(new, L.TraDyBatchNorm2d):
-                new._trady_setup(freeze_stats)
-            else:
-                new._trady_setup()
-            replaced[id(module)] = new
+            replaced[id(module)] = _trady_copy(module, freeze_stats)
         _set_child(model, name, replaced[id(module)])
         swapped[name] = replaced[id(module)]
     return swapped
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """The original class again, with the current state minus what the TraDy setup added."""
+    origin = module._trady_origin
+    plain = _clone_as(module, origin.cls)
+    for key in set(plain.__dict__) - origin.attributes:
+        del plain.__dict__[key]
+    for name in set(plain._buffers) - origin.buffers:
+        del plain._buffers[name]
+    plain._non_persistent_buffers_set.intersection_update(origin.non_persistent)
+    plain.__dict__.update(origin.rewritten)
+    return plain
 
 
 def unswap_modules(model: nn.Module) -> nn.Module:
@@ -98,10 +146,6 @@ def unswap_modules(model: nn.Module) -> nn.Module:
         if not name or not isinstance(module, TRADY_TYPES):
             continue
         if id(module) not in restored:
-            plain = _clone_as(module, module._trady_original_class)
-            plain._buffers.pop("selected_channels", None)
-            for attribute in _ADDED_ATTRIBUTES:
-                plain.__dict__.pop(attribute, None)
-            restored[id(module)] = plain
+            restored[id(module)] = _plain_copy(module)
         _set_child(model, name, restored[id(module)])
     return model
