@@ -13,6 +13,9 @@ are already resident and cost nothing extra):
 
 Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
 
+Every backward is first-order only (``@first_order_only``, see ``first_order.py``):
+run with ``create_graph=True`` it raises an error naming the layer.
+
 Mixed precision: inside ``torch.autocast`` the conv / linear of a forward runs
 in the autocast dtype (autocast stays on inside a Function's forward). The
 saved activation is stored in the dtype the op actually computed in (the
@@ -29,6 +32,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .dispatch import ops_for
+from .first_order import first_order_only
 
 
 def _all_channels(idx: Tensor, channels: int) -> bool:
@@ -63,6 +67,7 @@ class SelectedConv2d(Function):
         return y
 
     @staticmethod
+    @first_order_only("TraDyConv2d (a converted nn.Conv2d, trained channels)")
     def backward(ctx, grad_y):
         saved, weight, idx = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
@@ -94,6 +99,7 @@ class FrozenConv2d(Function):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
+    @first_order_only("TraDyConv2d (a converted nn.Conv2d, frozen)")
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
@@ -125,6 +131,7 @@ class SelectedLinear(Function):
         return y
 
     @staticmethod
+    @first_order_only("TraDyLinear (a converted nn.Linear, trained features)")
     def backward(ctx, grad_y):
         saved, weight, idx = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
@@ -150,6 +157,7 @@ class FrozenLinear(Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
+    @first_order_only("TraDyLinear (a converted nn.Linear, frozen)")
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0) if ctx.needs_input_grad[2] else None
@@ -188,6 +196,7 @@ class FrozenAffine(Function):
         return torch.addcmul(_per_channel(shift, x.dim()), x, _per_channel(scale, x.dim()))
 
     @staticmethod
+    @first_order_only("TraDyBatchNorm2d (a converted nn.BatchNorm2d)")
     def backward(ctx, grad_y):
         return grad_y * _per_channel(ctx.scale.to(grad_y.dtype), grad_y.dim()), None, None
 
@@ -207,6 +216,7 @@ class MaskedClamp(Function):
         return y
 
     @staticmethod
+    @first_order_only("TraDyReLU / TraDyReLU6 (a converted nn.ReLU / nn.ReLU6)")
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
         return ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed), None, None
@@ -229,6 +239,7 @@ class FusedAffineClamp(Function):
         return y, compact
 
     @staticmethod
+    @first_order_only("TraDyBatchNorm2d fused with the following TraDyReLU / TraDyReLU6")
     def backward(ctx, grad_y, _grad_compact):
         (packed,) = ctx.saved_tensors
         grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
