@@ -105,3 +105,9 @@ def test_the_controller_refuses_to_act_after_revert_and_a_second_revert_does_not
         controller.resample(1)
     controller.revert()
     assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+
+
+def test_revert_of_something_else_names_the_parameter_and_the_allowed_types():
+    with pytest.raises(TypeError, match="model_or_controller: expected a TraDyController or a "
+                                        "torch.nn.Module, got dict"):
+        tt.revert({})

@@ -139,6 +139,9 @@ def revert(model_or_controller) -> nn.Module:
     """
     if isinstance(model_or_controller, TraDyController):
         return model_or_controller.revert()
+    if not isinstance(model_or_controller, nn.Module):
+        raise TypeError(f"model_or_controller: expected a TraDyController or a torch.nn.Module, "
+                        f"got {type(model_or_controller).__name__}")
     controller = model_or_controller.__dict__.get("_trady_controller")
     if controller is not None:
         return controller.revert()
