@@ -103,6 +103,10 @@ def test_the_controller_refuses_to_act_after_revert_and_a_second_revert_does_not
     flags = {n: p.requires_grad for n, p in net.named_parameters()}
     with pytest.raises(RuntimeError, match="reverted"):
         controller.resample(1)
+    with pytest.raises(RuntimeError, match="reverted"):
+        controller.set_example_input(X)
+    with pytest.raises(RuntimeError, match="reverted"):
+        controller.mask_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))
     controller.revert()
     assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
 

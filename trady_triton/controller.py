@@ -87,6 +87,7 @@ class TraDyController:
         If it raises (e.g. the budget fits no channel at the new size), the
         previous profile, budget, pool and selection stay in force.
         """
+        self._require_converted()
         profile = self._profile(example_input)
         if self.ranking is not None:
             self.ranking.check_layers({l.name for l in profile.layers})
@@ -345,6 +346,7 @@ class TraDyController:
         (``.remove()`` takes its hooks off; ``revert()`` does it too).
         """
         from .optim import OptimizerMask
+        self._require_converted()
         mask = OptimizerMask(self, optimizer, state)
         self._optimizer_masks.append(mask)
         return mask
