@@ -36,10 +36,11 @@ def first_order_only(layer: str):
     """
     def decorate(backward):
         message = second_order_message(layer, backward.__qualname__.split(".")[0])
+        grad_enabled = torch.is_grad_enabled   # bound once: this runs in every backward
 
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            if torch.is_grad_enabled():   # autograd enables grad in backward only for create_graph
+            if grad_enabled():   # autograd enables grad in backward only for create_graph=True
                 raise RuntimeError(message)
             return backward(ctx, *grads)
         wrapper.first_order_only = True   # lets tests find an unguarded Function
