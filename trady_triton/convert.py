@@ -6,9 +6,10 @@ before convert() still see them) and hook dictionaries (the user's hook handles
 keep working), and puts it where the original was. No torch.nn class is
 patched; other instances of the same class are untouched.
 
-The swap is driven by the ``SWAPS`` table alone: a TraDy class needs only a
-``_trady_setup()`` method. Whatever the setup adds (attributes, buffers) is
-found and removed by :func:`unswap_modules`, which compares with the original.
+The swap is driven by the ``SWAPS`` table: a TraDy class needs only a
+``_trady_setup()`` method (BatchNorm's takes ``freeze_stats``). Whatever the
+setup or later calls add (attributes, buffers) is found and removed by
+:func:`unswap_modules`, which compares with the names the original had.
 """
 
 from __future__ import annotations
