@@ -79,7 +79,8 @@ def _clone_as(module: nn.Module, cls: type) -> nn.Module:
 
     Parameters and hook dictionaries are shared; the other dicts and sets
     (parameters, buffers, non-persistent names) are copied, so what the TraDy
-    setup registers never reaches the original module.
+    setup registers never reaches the original module. (So a TraDy class must
+    not register hooks on itself: they would be the user's too.)
     """
     new = cls.__new__(cls)
     new.__dict__.update({key: (value.copy() if isinstance(value, (dict, set))
