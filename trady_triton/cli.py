@@ -27,7 +27,7 @@ EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
 
 _BUDGET_HELP = (
     "training budget, memory units per sample (weights + input activations of the selected "
-    "channels; TRADY.md section 4). One of: small / medium / large = the paper's three budgets "
+    "channels; docs/METHOD.md section 4). One of: small / medium / large = the paper's three budgets "
     "(absolute units on the paper's backbones at 128x128, e.g. MCUNet-in1 "
     f"{' / '.join(f'{u:,}' for u in PAPER_BUDGET_UNITS['mcunet-in1'])}; otherwise the paper's "
     f"keep ratios {' / '.join(f'{100 * r:.2f}%%' for r in KEEP_RATIOS)} of full fine-tuning); "
@@ -218,7 +218,7 @@ def build_rank_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} rank",
         description=_paragraphs(
-            "Compute the a-priori layer ranking of a backbone (TRADY.md section 2): fine-tune "
+            "Compute the a-priori layer ranking of a backbone (docs/METHOD.md section 2): fine-tune "
             "a copy with plain SGD on a proxy data set for --steps steps, accumulating each "
             "layer's reweighted gradient norm, and write it into a rankings JSON file (keyed "
             "by --key). TraDy's top-K pool is the shortest top prefix covering 97% of the total."),
