@@ -145,8 +145,10 @@ def resolve(config: RunConfig) -> Settings:
     if config.eval_on == "val" and val_subset <= 0:
         val_subset = 320
     score_batches = int(pick(config.score_batches, preset.score_batches))
-    if score_batches < 1:
-        raise UsageError(f"score_batches={score_batches}: allowed values are integers >= 1")
+    for name, value in (("score_batches", score_batches), ("val_subset", config.val_subset),
+                        ("max_batches", config.max_batches), ("threads", config.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name}={value}: allowed values are integers >= 1")
 
     budget: dict = {}
     if policy not in BUDGETLESS_POLICIES:
