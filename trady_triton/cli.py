@@ -171,7 +171,13 @@ def _positive(kind):
 
 def _count_or_all(text: str) -> int:
     """A subset size: an integer, or "all" (= 0, the whole split); resolve checks the range."""
-    return 0 if text.strip().lower() == "all" else int(text)
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed values are integers >= 1 or "
+                                         "'all'") from None
 
 
 def _field_type(name: str):
