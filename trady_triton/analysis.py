@@ -40,6 +40,7 @@ from . import sampling
 from .api import convert
 from .cost import LayerCost
 from .ranking import LayerRanking, channel_grad_norms, channel_rgn, rank_layers
+from .tables import text_table
 
 __all__ = [
     "Task", "load_task", "proxy_ranking", "channel_scores_at_start", "score_channels",
@@ -756,9 +757,5 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], formats: dict | N
             return f"{value:.4g}"
         return str(value)
 
-    table = [list(columns)] + [[cell(r, c) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(v.rjust(w) if j else v.ljust(w) for j, (v, w) in enumerate(zip(line, widths)))
-             for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(columns, [[cell(r, c) for c in columns] for r in rows],
+                      align="l" + "r" * (len(columns) - 1))

@@ -22,6 +22,7 @@ from . import progress
 from .config import RunConfig, UsageError
 from .models import MODEL_NAMES
 from .presets import DEFAULT_PRESET, KEEP_RATIOS, PAPER_BUDGET_UNITS, PRESETS
+from .records import RunRecord
 from .sampling import POLICY_NAMES, get_policy
 
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -321,7 +322,7 @@ def _run_or_resume(config, out: Path, resume: bool, log, command: str) -> dict:
         record_path = out / RECORD_FILE
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            if record.get("status") == "complete":
+            if RunRecord.from_dict(record).status == "complete":
                 log(f"{out}: already complete")
                 return record
         if not (out / CHECKPOINT_FILE).is_file():

@@ -90,11 +90,10 @@ class RunRecord:
     def from_dict(cls, data: dict) -> "RunRecord":
         if data.get("format") != RECORD_FORMAT:
             raise ValueError(f"not a {RECORD_FORMAT} (format={data.get('format')!r})")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in fields}
-        values["config"] = RunConfig(**data["config"])
-        values["settings"] = Settings(**data["settings"])
-        values["epochs"] = [EpochRecord(**e) for e in data["epochs"]]
+        values = _known(cls, data, "record")
+        values["config"] = RunConfig(**_known(RunConfig, data["config"], "config"))
+        values["settings"] = Settings(**_known(Settings, data["settings"], "settings"))
+        values["epochs"] = [EpochRecord(**_known(EpochRecord, e, "epoch")) for e in data["epochs"]]
         return cls(**values)
 
     @classmethod
@@ -106,6 +105,16 @@ class RunRecord:
     def total_wall_s(self) -> float:
         """Wall time over every call that ran this record (resumptions included)."""
         return (self.wall_s or 0.0) + (self.previous_wall_s or 0.0)
+
+
+def _known(cls, data: dict, what: str) -> dict:
+    """``data`` as keyword arguments of dataclass ``cls``; a clear error for unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{what} of a {RECORD_FORMAT} has unknown keys {unknown}; known: "
+                         f"{', '.join(sorted(names))}")
+    return dict(data)
 
 
 def _mean(values) -> float:
