@@ -492,14 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     progress.set_quiet(args.quiet)
-    from .train import UsageError, check_data_name, resolve, RunConfig
-    try:
-        for data in args.data:
-            check_data_name(data)
+    from .config import RunConfig, UsageError, resolve
+    try:       # every (model, data, budget) through the runs' own check, before the first run
         budgets = args.budgets if args.command == "sweep" else [args.budget]
         for model in args.models:
-            for budget in budgets:
-                resolve(RunConfig(model=model, budget=budget, preset=args.preset))
+            for data in args.data:
+                for budget in budgets:
+                    resolve(RunConfig(model=model, data=data, budget=budget, preset=args.preset))
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
