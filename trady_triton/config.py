@@ -91,15 +91,16 @@ def check_data_name(name: str) -> None:
     raise UsageError(f"unknown data set {name!r}; allowed values: {', '.join(DATA_FORMS)}")
 
 
-def resolve(config: RunConfig) -> Settings:
-    """Fill the preset's defaults in and check every value; raises UsageError."""
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _names(config: RunConfig):
+    """The preset and the canonical policy name; UsageError for unknown names."""
     from .models import MODEL_NAMES
 
     try:
         preset = get_preset(config.preset)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    try:
         policy = get_policy(config.policy).name
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -108,56 +109,72 @@ def resolve(config: RunConfig) -> Settings:
     check_data_name(config.data)
     if config.eval_on not in ("test", "val"):
         raise UsageError(f"eval_on={config.eval_on!r}: allowed values are test, val")
+    return preset, policy
 
-    def pick(value, default):
-        return default if value is None else value
 
-    resolution = int(pick(config.resolution, preset.resolution))
-    epochs = int(pick(config.epochs, preset.epochs))
-    warmup = int(pick(config.warmup_epochs, preset.warmup_epochs))
-    batch = int(pick(config.batch_size, preset.batch_size))
+def _protocol(config: RunConfig, preset) -> tuple[int, int, int, int]:
+    """(resolution, epochs, warm-up epochs, batch size), checked."""
+    resolution = int(_pick(config.resolution, preset.resolution))
+    epochs = int(_pick(config.epochs, preset.epochs))
+    warmup = int(_pick(config.warmup_epochs, preset.warmup_epochs))
+    batch = int(_pick(config.batch_size, preset.batch_size))
     for name, value, low in (("resolution", resolution, 8), ("epochs", epochs, 1),
                              ("warmup_epochs", warmup, 0), ("batch_size", batch, 1)):
         if value < low:
             raise UsageError(f"{name}={value}: allowed values are integers >= {low}")
     if warmup >= epochs and epochs > 1:
         raise UsageError(f"warmup_epochs={warmup}: allowed values are < epochs ({epochs})")
-    if config.lr is not None:
-        if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
-            raise UsageError(f"lr={config.lr!r}: allowed values are numbers > 0")
-        lr, lr_source = float(config.lr), "given (--lr)"
-    else:
-        lr, lr_source = preset.lr_for(config.model, policy)
+    return resolution, epochs, warmup, batch
+
+
+def _learning_rate(config: RunConfig, preset, policy: str) -> tuple[float, str]:
+    if config.lr is None:
+        return preset.lr_for(config.model, policy)
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"lr={config.lr!r}: allowed values are numbers > 0")
+    return float(config.lr), "given (--lr)"
+
+
+def _subset(value, default) -> int | None:
+    """A subset size (None = the whole split; 0 means the same)."""
+    value = _pick(value, default)
+    if value is None or value == 0:
+        return None
+    if value < 0:
+        raise UsageError(f"subset={value}: allowed values are integers >= 1, or 0 for all")
+    return int(value)
+
+
+def _budget(config: RunConfig, policy: str, resolution: int) -> dict:
+    """keep_ratio / budget_units for convert(), or {} for the budgetless policies."""
+    if policy in BUDGETLESS_POLICIES:
+        return {}
+    try:
+        parsed = parse_budget(config.budget)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return budget_for_level(parsed["level"], config.model, resolution) \
+        if "level" in parsed else parsed
+
+
+def resolve(config: RunConfig) -> Settings:
+    """Fill the preset's defaults in and check every value; raises UsageError."""
+    preset, policy = _names(config)
+    resolution, epochs, warmup, batch = _protocol(config, preset)
+    lr, lr_source = _learning_rate(config, preset, policy)
     if not 0.0 < config.coverage <= 1.0:
         raise UsageError(f"coverage={config.coverage!r}: allowed values are in (0, 1]")
-
-    def subset(value, default):
-        value = pick(value, default)
-        if value is None or value == 0:
-            return None
-        if value < 0:
-            raise UsageError(f"subset={value}: allowed values are integers >= 1, or 0 for all")
-        return int(value)
-
-    train_subset = subset(config.train_subset, preset.train_subset)
-    test_subset = subset(config.test_subset, preset.test_subset)
-    val_subset = int(pick(config.val_subset, preset.val_subset) or 0)
+    train_subset = _subset(config.train_subset, preset.train_subset)
+    test_subset = _subset(config.test_subset, preset.test_subset)
+    val_subset = int(_pick(config.val_subset, preset.val_subset) or 0)
     if config.eval_on == "val" and val_subset <= 0:
         val_subset = 320
-    score_batches = int(pick(config.score_batches, preset.score_batches))
+    score_batches = int(_pick(config.score_batches, preset.score_batches))
     for name, value in (("score_batches", score_batches), ("val_subset", config.val_subset),
                         ("max_batches", config.max_batches), ("threads", config.threads)):
         if value is not None and value < 1:
             raise UsageError(f"{name}={value}: allowed values are integers >= 1")
-
-    budget: dict = {}
-    if policy not in BUDGETLESS_POLICIES:
-        try:
-            parsed = parse_budget(config.budget)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        budget = budget_for_level(parsed["level"], config.model, resolution) \
-            if "level" in parsed else parsed
+    budget = _budget(config, policy, resolution)
     return Settings(preset=preset.name, resolution=resolution, epochs=epochs,
                     warmup_epochs=warmup, batch_size=batch, lr=lr, lr_source=lr_source,
                     momentum=preset.momentum, weight_decay=preset.weight_decay,

@@ -465,32 +465,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def _summarize(args) -> int:
+    """The summarize command: Markdown tables, the summary JSON and one line per run."""
+    records = load_records(Path(args.root))
+    if not records:
+        print(f"{PROG}: error: no complete run records under {args.root}", file=sys.stderr)
+        return 1
+    summary = summarize_records(records)
+    summary["source"] = str(args.root)
+    text = format_markdown(summary)
+    if args.json:
+        _write(args.json, json.dumps(summary, indent=1) + "\n")
+    if args.runs_jsonl:
+        _write(args.runs_jsonl, "".join(json.dumps(compact_record(r), sort_keys=True) + "\n"
+                                        for r in records))
+    if args.markdown:
+        _write(args.markdown, text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = f"{PROG} " + shlex.join(argv)
     if args.command == "summarize":
-        records = load_records(Path(args.root))
-        if not records:
-            print(f"{PROG}: error: no complete run records under {args.root}", file=sys.stderr)
-            return 1
-        summary = summarize_records(records)
-        summary["source"] = str(args.root)
-        text = format_markdown(summary)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
-        if args.runs_jsonl:
-            Path(args.runs_jsonl).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.runs_jsonl).write_text("".join(
-                json.dumps(compact_record(r), sort_keys=True) + "\n" for r in records))
-        if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(text + "\n")
-        else:
-            print(text)
-        return 0
-
+        return _summarize(args)
     progress.set_quiet(args.quiet)
     from .config import RunConfig, UsageError, resolve
     try:       # every (model, data, budget) through the runs' own check, before the first run
