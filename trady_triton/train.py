@@ -14,6 +14,11 @@ the JSON record and a checkpoint (model, optimizer, controller state, epoch, RNG
 loadable with ``torch.load(weights_only=True)``) are written, so Ctrl-C leaves a complete
 record of the finished epochs and ``resume=True`` continues from the last one with the
 same channel draws (draws depend only on ``(seed, epoch)``; DetRGN scores are checkpointed).
+
+Stages, one job each: ``prepare_run`` (data, backbone, memory probe, ranking, convert,
+optimizer, LambdaLR, a fresh ``RunRecord``), ``restore`` (resume), ``run_epoch`` (score,
+draw, train, evaluate: one ``EpochRecord``), ``persist_epoch`` / ``persist_final`` (files).
+Options and their checks are in config.py, the record types in records.py.
 """
 
 from __future__ import annotations
