@@ -41,9 +41,12 @@ def test_record_round_trips_through_the_dataclasses(record_on_disk):
 
 def test_summarize_of_the_typed_record_is_the_written_final(record_on_disk):
     typed = RunRecord.from_dict(record_on_disk)
-    assert summarize(typed) == record_on_disk["final"]
+    assert summarize(typed).to_dict() == record_on_disk["final"]
+    assert summarize(typed) == typed.final
     accuracies = [e["eval_accuracy"] for e in record_on_disk["epochs"]]
-    assert summarize(typed)["best_eval_accuracy"] == max(accuracies)
+    assert summarize(typed).best_eval_accuracy == max(accuracies)
+    typed.epochs = []
+    assert summarize(typed).to_dict() == {"epochs_done": 0}
 
 
 def test_unknown_or_foreign_records_are_refused_with_the_reason(record_on_disk):

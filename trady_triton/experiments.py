@@ -120,7 +120,7 @@ def run_jobs(jobs: list[Job], root: Path, *, preset: str = DEFAULT_PRESET, threa
             continue
         counts["run"] += 1
         final = RunRecord.from_dict(record).final
-        log(f"{tag}: {final['eval_split']} acc {100 * final['eval_accuracy']:.2f}% "
+        log(f"{tag}: {final.eval_split} acc {100 * final.eval_accuracy:.2f}% "
             f"({time.perf_counter() - tick:.1f}s{', resumed' if resume else ''}; "
             f"elapsed {time.perf_counter() - started:.0f}s)")
     return counts
@@ -163,32 +163,32 @@ def _summary_row(key: tuple, rs: list[RunRecord]) -> dict:
     first, last = rs[0], [r.epochs[-1] for r in rs]
 
     def mean_final(name: str):
-        return _spread([r.final[name] for r in rs])["mean"]
+        return _spread([getattr(r.final, name) for r in rs])["mean"]
 
     return {
         "model": model, "data": data, "policy": policy, "budget": budget,
         "seeds": [r.config.seed for r in rs],
-        "accuracy": _spread([r.final["eval_accuracy"] for r in rs]),
-        "accuracy_per_seed": [r.final["eval_accuracy"] for r in rs],
-        "budget_units": first.model["budget_units"],
-        "full_units": first.model["full_units"],
-        "budget_fraction": first.model["budget_fraction"],
+        "accuracy": _spread([r.final.eval_accuracy for r in rs]),
+        "accuracy_per_seed": [r.final.eval_accuracy for r in rs],
+        "budget_units": first.model.budget_units,
+        "full_units": first.model.full_units,
+        "budget_fraction": first.model.budget_fraction,
         "selected_units": _spread([e.selected_units for e in last])["mean"],
         "channels_drawn": _spread([e.channels_drawn for r in rs for e in r.epochs])["mean"],
         "weight_sparsity": mean_final("mean_weight_sparsity"),
         "activation_sparsity": mean_final("mean_activation_sparsity"),
         "weight_grad_flops_saved": mean_final("mean_weight_grad_flops_saved"),
         "saved_bytes_measured": mean_final("saved_bytes_measured"),
-        "saved_bytes_match": all(r.final["saved_bytes_match_all_epochs"] for r in rs),
-        "plain_full_finetune_bytes": first.memory["plain_full_finetune_measured_bytes"],
+        "saved_bytes_match": all(r.final.saved_bytes_match_all_epochs for r in rs),
+        "plain_full_finetune_bytes": first.memory.plain_full_finetune_measured_bytes,
         "lr": first.settings.lr, "lr_source": first.settings.lr_source,
         "wall_s": mean_final("wall_s"),
-        "diverged_seeds": sum(1 for r in rs if r.final["diverged"]),
+        "diverged_seeds": sum(1 for r in rs if r.final.diverged),
         "preset": first.settings.preset, "resolution": first.settings.resolution,
-        "train_size": first.data["train_size"], "eval_size": first.data["eval_size"],
+        "train_size": first.data.train_size, "eval_size": first.data.eval_size,
         "epochs": first.settings.epochs,
-        "top_k": first.model["ranking"].get("top_k"),
-        "ranking_key": first.model["ranking"].get("key"),
+        "top_k": first.model.ranking.get("top_k"),
+        "ranking_key": first.model.ranking.get("key"),
     }
 
 
@@ -259,8 +259,8 @@ def compact_record(record: RunRecord | dict) -> dict:
         "model": r.config.model, "data": r.config.data,
         "policy": get_policy(r.config.policy).name, "budget": _budget_label(r),
         "seed": r.config.seed, "lr": r.settings.lr,
-        "budget_units": r.model["budget_units"], "full_units": r.model["full_units"],
-        "final": r.final,
+        "budget_units": r.model.budget_units, "full_units": r.model.full_units,
+        "final": r.final.to_dict() if r.final is not None else None,
         "eval_accuracy": [e.eval_accuracy for e in epochs],
         "train_loss": [e.train_loss for e in epochs],
         "channels_drawn": [e.channels_drawn for e in epochs],

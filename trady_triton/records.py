@@ -53,6 +53,78 @@ class EpochRecord:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class ModelFacts:
+    """The converted backbone: its layers, memory units, budget and the ranking it used."""
+
+    name: str
+    weights: str | None
+    num_classes: int
+    convertible_layers: int
+    full_units: int
+    budget_units: int | None
+    budget_fraction: float | None
+    pool_layers: int
+    ranking: dict                   # source, key, steps, meta, coverage, top_k
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DataFacts:
+    """The data set as the run saw it: sizes, split, normalisation, load time."""
+
+    name: str
+    resolution: int
+    train_size: int
+    eval_split: str
+    eval_size: int
+    num_classes: int
+    mean: list
+    std: list
+    data_seed: int
+    load_s: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MemoryFacts:
+    """Bytes saved for backward by full fine-tuning, measured in plain PyTorch and modelled."""
+
+    batch: int
+    plain_full_finetune_measured_bytes: int
+    trady_full_analytic_bytes: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSummary:
+    """The final figures of a run (only ``epochs_done`` when no epoch finished)."""
+
+    epochs_done: int
+    eval_accuracy: float | None = None
+    eval_split: str | None = None
+    best_eval_accuracy: float | None = None
+    train_loss: float | None = None
+    saved_bytes_measured: int | None = None
+    saved_bytes_model: int | None = None
+    saved_bytes_match_all_epochs: bool | None = None
+    plain_full_finetune_measured_bytes: int | None = None
+    mean_weight_sparsity: float | None = None
+    mean_activation_sparsity: float | None = None
+    mean_weight_grad_flops_saved: float | None = None
+    wall_s: float | None = None
+    diverged: bool | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) if self.epochs_done else {"epochs_done": 0}
+
+
 # keys written only when set (absent from records that never needed them)
 _OPTIONAL = ("resumed_from_epoch", "previous_wall_s", "wall_s")
 
@@ -65,12 +137,12 @@ class RunRecord:
     command: str | None
     config: RunConfig
     settings: Settings
-    model: dict                     # backbone, units, budget, ranking
-    data: dict                      # data set, sizes, normalisation
-    memory: dict                    # batch, full fine-tuning's saved bytes
-    environment: dict
+    model: ModelFacts
+    data: DataFacts
+    memory: MemoryFacts
+    environment: dict               # versions, platform, threads
     epochs: list[EpochRecord] = field(default_factory=list)
-    final: dict | None = None       # summarize(record) once the run stops
+    final: RunSummary | None = None     # summarize(record) once the run stops
     resumed_from_epoch: int | None = None
     previous_wall_s: float | None = None
     wall_s: float | None = None
@@ -80,9 +152,10 @@ class RunRecord:
     def to_dict(self) -> dict:
         out = {"format": self.format, "version": self.version, "status": self.status,
                "command": self.command, "config": self.config.as_dict(),
-               "settings": self.settings.as_dict(), "model": self.model, "data": self.data,
-               "memory": self.memory, "environment": self.environment,
-               "epochs": [e.to_dict() for e in self.epochs], "final": self.final}
+               "settings": self.settings.as_dict(), "model": self.model.to_dict(),
+               "data": self.data.to_dict(), "memory": self.memory.to_dict(),
+               "environment": self.environment, "epochs": [e.to_dict() for e in self.epochs],
+               "final": None if self.final is None else self.final.to_dict()}
         out.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})
         return out
 
@@ -93,7 +166,11 @@ class RunRecord:
         values = _known(cls, data, "record")
         values["config"] = RunConfig(**_known(RunConfig, data["config"], "config"))
         values["settings"] = Settings(**_known(Settings, data["settings"], "settings"))
+        for name, kind in (("model", ModelFacts), ("data", DataFacts), ("memory", MemoryFacts)):
+            values[name] = kind(**_known(kind, data[name], name))
         values["epochs"] = [EpochRecord(**_known(EpochRecord, e, "epoch")) for e in data["epochs"]]
+        if data.get("final") is not None:
+            values["final"] = RunSummary(**_known(RunSummary, data["final"], "final"))
         return cls(**values)
 
     @classmethod
@@ -122,24 +199,24 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def summarize(record: RunRecord) -> dict:
+def summarize(record: RunRecord) -> RunSummary:
     """The final figures of a run: last and best accuracy, bytes, mean sparsities, time."""
     epochs = record.epochs
     if not epochs:
-        return {"epochs_done": 0}
+        return RunSummary(epochs_done=0)
     last = epochs[-1]
-    return {
-        "epochs_done": len(epochs),
-        "eval_accuracy": last.eval_accuracy, "eval_split": last.eval_split,
-        "best_eval_accuracy": max(e.eval_accuracy for e in epochs),
-        "train_loss": last.train_loss,
-        "saved_bytes_measured": last.saved_bytes_measured,
-        "saved_bytes_model": last.saved_bytes_model.get("total"),
-        "saved_bytes_match_all_epochs": all(e.saved_bytes_match for e in epochs),
-        "plain_full_finetune_measured_bytes": record.memory["plain_full_finetune_measured_bytes"],
-        "mean_weight_sparsity": _mean(e.weight_sparsity for e in epochs),
-        "mean_activation_sparsity": _mean(e.activation_sparsity for e in epochs),
-        "mean_weight_grad_flops_saved": _mean(e.weight_grad_flops_saved for e in epochs),
-        "wall_s": round(record.total_wall_s, 3),
-        "diverged": any(e.train_loss is None for e in epochs),
-    }
+    return RunSummary(
+        epochs_done=len(epochs),
+        eval_accuracy=last.eval_accuracy, eval_split=last.eval_split,
+        best_eval_accuracy=max(e.eval_accuracy for e in epochs),
+        train_loss=last.train_loss,
+        saved_bytes_measured=last.saved_bytes_measured,
+        saved_bytes_model=last.saved_bytes_model.get("total"),
+        saved_bytes_match_all_epochs=all(e.saved_bytes_match for e in epochs),
+        plain_full_finetune_measured_bytes=record.memory.plain_full_finetune_measured_bytes,
+        mean_weight_sparsity=_mean(e.weight_sparsity for e in epochs),
+        mean_activation_sparsity=_mean(e.activation_sparsity for e in epochs),
+        mean_weight_grad_flops_saved=_mean(e.weight_grad_flops_saved for e in epochs),
+        wall_s=round(record.total_wall_s, 3),
+        diverged=any(e.train_loss is None for e in epochs),
+    )

@@ -48,7 +48,8 @@ from .measure import saved_tensor_bytes
 from .presets import get_preset
 from .progress import progress_bar
 from .ranking import LayerRanking, load_ranking, shipped_rankings_path
-from .records import RECORD_FORMAT, RECORD_VERSION, EpochRecord, RunRecord, summarize  # noqa: F401
+from .records import (RECORD_FORMAT, RECORD_VERSION, DataFacts, EpochRecord,  # noqa: F401
+                      MemoryFacts, ModelFacts, RunRecord, RunSummary, summarize)
 from .sampling import get_policy
 from .tables import mib, pct, text_table
 
@@ -424,28 +425,27 @@ def _optimizer(model: nn.Module, controller, settings: Settings) -> torch.optim.
 
 
 def _model_facts(config: RunConfig, controller, ranking, ranking_info: dict,
-                 num_classes: int) -> dict:
+                 num_classes: int) -> ModelFacts:
     policy = get_policy(config.policy)
     body = [l for l in controller.layers if not l.is_classifier]
     full_units = C.full_units(controller.layers)
     budget = controller.budget_units
-    return {
-        "name": config.model, "weights": config.weights, "num_classes": num_classes,
-        "convertible_layers": len(body), "full_units": full_units, "budget_units": budget,
-        "budget_fraction": None if budget is None else budget / full_units,
-        "pool_layers": len(controller.pool) if policy.pool == "topk" else
+    return ModelFacts(
+        name=config.model, weights=config.weights, num_classes=num_classes,
+        convertible_layers=len(body), full_units=full_units, budget_units=budget,
+        budget_fraction=None if budget is None else budget / full_units,
+        pool_layers=len(controller.pool) if policy.pool == "topk" else
         (len(body) if policy.pool in ("all", "full") else 0),
-        "ranking": {**ranking_info, "coverage": config.coverage,
-                    "top_k": len(ranking.top_k(config.coverage)) if ranking else None},
-    }
+        ranking={**ranking_info, "coverage": config.coverage,
+                 "top_k": len(ranking.top_k(config.coverage)) if ranking else None})
 
 
-def _data_facts(config: RunConfig, settings: Settings, data: RunData) -> dict:
-    return {"name": config.data, "resolution": settings.resolution,
-            "train_size": len(data.train_x), "eval_split": data.eval_split,
-            "eval_size": len(data.eval_x), "num_classes": data.num_classes,
-            "mean": list(data.mean), "std": list(data.std), "data_seed": config.data_seed,
-            "load_s": round(data.load_s, 3)}
+def _data_facts(config: RunConfig, settings: Settings, data: RunData) -> DataFacts:
+    return DataFacts(name=config.data, resolution=settings.resolution,
+                     train_size=len(data.train_x), eval_split=data.eval_split,
+                     eval_size=len(data.eval_x), num_classes=data.num_classes,
+                     mean=list(data.mean), std=list(data.std), data_seed=config.data_seed,
+                     load_s=round(data.load_s, 3))
 
 
 def prepare_run(config: RunConfig, settings: Settings, out: Path | None, threads: int,
@@ -470,8 +470,9 @@ def prepare_run(config: RunConfig, settings: Settings, out: Path | None, threads
         status="running", command=command, config=config, settings=settings,
         model=_model_facts(config, controller, ranking, ranking_info, data.num_classes),
         data=_data_facts(config, settings, data),
-        memory={"batch": len(example), "plain_full_finetune_measured_bytes": plain_full_bytes,
-                "trady_full_analytic_bytes": full_analytic_bytes(controller, len(example))},
+        memory=MemoryFacts(batch=len(example), plain_full_finetune_measured_bytes=plain_full_bytes,
+                           trady_full_analytic_bytes=full_analytic_bytes(controller,
+                                                                         len(example))),
         environment=_environment(threads))
     return Run(config, settings, data, model, controller, optimizer, scheduler, steps, record,
                out, log, started)
@@ -640,35 +641,35 @@ def format_epoch_line(entry: EpochRecord, epochs: int) -> str:
 
 
 def _record_head(r: RunRecord) -> str:
-    cfg, st, model = r.config, r.settings, r.model
-    return (f"{cfg.model} on {cfg.data} ({r.data['train_size']} train / "
-            f"{r.data['eval_size']} {r.data['eval_split']} images, "
+    cfg, st, model, data = r.config, r.settings, r.model, r.data
+    return (f"{cfg.model} on {cfg.data} ({data.train_size} train / "
+            f"{data.eval_size} {data.eval_split} images, "
             f"{st.resolution}x{st.resolution}), policy {get_policy(cfg.policy).name}, "
             f"budget {st.budget_text}"
-            + (f" = {model['budget_units']:,} of {model['full_units']:,} units "
-               f"({100 * model['budget_fraction']:.2f}%)" if model["budget_units"] else "")
+            + (f" = {model.budget_units:,} of {model.full_units:,} units "
+               f"({100 * model.budget_fraction:.2f}%)" if model.budget_units else "")
             + f", seed {cfg.seed}, preset {st.preset}, lr {st.lr:g} ({st.lr_source})")
 
 
 def _record_footer(r: RunRecord) -> list[str]:
-    final, mem = r.final or {}, r.memory
-    if not final.get("epochs_done"):
+    final, mem = r.final, r.memory
+    if final is None or not final.epochs_done:
         return []
     return ["",
-            f"status {r.status}: {final['epochs_done']} of {r.settings.epochs} epochs, "
-            f"{final['eval_split']} accuracy {100 * final['eval_accuracy']:.2f}% "
-            f"(best {100 * final['best_eval_accuracy']:.2f}%), wall {final['wall_s']:.1f}s",
-            f"saved for backward, batch {mem['batch']}: {mib(final['saved_bytes_measured'])}"
-            f" MiB measured (cost model {mib(final['saved_bytes_model'])} MiB) vs full "
-            f"fine-tuning {mib(mem['plain_full_finetune_measured_bytes'])} MiB in plain "
-            f"PyTorch (measured), {mib(mem['trady_full_analytic_bytes'])} MiB with "
+            f"status {r.status}: {final.epochs_done} of {r.settings.epochs} epochs, "
+            f"{final.eval_split} accuracy {100 * final.eval_accuracy:.2f}% "
+            f"(best {100 * final.best_eval_accuracy:.2f}%), wall {final.wall_s:.1f}s",
+            f"saved for backward, batch {mem.batch}: {mib(final.saved_bytes_measured)}"
+            f" MiB measured (cost model {mib(final.saved_bytes_model)} MiB) vs full "
+            f"fine-tuning {mib(mem.plain_full_finetune_measured_bytes)} MiB in plain "
+            f"PyTorch (measured), {mib(mem.trady_full_analytic_bytes)} MiB with "
             f"TraDy layers and every channel"]
 
 
 def format_record(record: RunRecord | dict) -> str:
     """The readable table of one run."""
     r = RunRecord.coerce(record)
-    header = ("epoch", "lr", "train loss", f"{r.data['eval_split']} acc %", "channels",
+    header = ("epoch", "lr", "train loss", f"{r.data.eval_split} acc %", "channels",
               "layers", "act sp %", "W sp %", "dW FLOPs saved %", "saved MiB (meas.)",
               "= model", "wall s")
     rows = [(str(e.epoch + 1), f"{e.lr_start:.4g}",
@@ -681,16 +682,15 @@ def format_record(record: RunRecord | dict) -> str:
 
 
 def _comparison_row(r: RunRecord) -> tuple:
-    f = r.final or {}
-    plain = r.memory["plain_full_finetune_measured_bytes"]
+    f = r.final or RunSummary(epochs_done=0)
+    plain = r.memory.plain_full_finetune_measured_bytes
     units = r.epochs[-1].selected_units if r.epochs else None
     return (get_policy(r.config.policy).name, r.settings.budget_text,
-            "-" if not f.get("epochs_done") else f"{100 * f['eval_accuracy']:.2f}",
-            mib(f.get("saved_bytes_measured")),
-            "-" if not f.get("saved_bytes_measured") else
-            f"{100 * f['saved_bytes_measured'] / plain:.1f}%",
+            "-" if not f.epochs_done else f"{100 * f.eval_accuracy:.2f}",
+            mib(f.saved_bytes_measured),
+            "-" if not f.saved_bytes_measured else f"{100 * f.saved_bytes_measured / plain:.1f}%",
             "-" if units is None else f"{units:,}",
-            pct(f.get("mean_weight_grad_flops_saved")), f"{f.get('wall_s', 0):.1f}")
+            pct(f.mean_weight_grad_flops_saved), f"{f.wall_s or 0:.1f}")
 
 
 def format_comparison(records: list[RunRecord | dict]) -> str:
@@ -698,8 +698,8 @@ def format_comparison(records: list[RunRecord | dict]) -> str:
     runs = [RunRecord.coerce(r) for r in records]
     header = ("policy", "budget", "accuracy %", "saved for backward MiB", "vs plain full FT",
               "memory units", "dW FLOPs saved %", "wall s")
-    plain = runs[0].memory["plain_full_finetune_measured_bytes"]
+    plain = runs[0].memory.plain_full_finetune_measured_bytes
     return "\n".join([text_table(header, [_comparison_row(r) for r in runs],
                                  align="l" + "r" * (len(header) - 1)),
                       f"(plain PyTorch full fine-tuning saves {mib(plain)} MiB for backward at "
-                      f"batch {runs[0].memory['batch']}, measured)"])
+                      f"batch {runs[0].memory.batch}, measured)"])
