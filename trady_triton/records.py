@@ -17,8 +17,15 @@ RECORD_FORMAT = "trady-finetune-record"
 RECORD_VERSION = 1
 
 
+class _Section:
+    """A record part written as its dataclass fields, in declaration order."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class EpochRecord:
+class EpochRecord(_Section):
     """One finished epoch: learning rate, loss and accuracy, the draw, sparsities, bytes, time."""
 
     epoch: int
@@ -49,12 +56,9 @@ class EpochRecord:
     eval_s: float
     wall_s: float
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class ModelFacts:
+class ModelFacts(_Section):
     """The converted backbone: its layers, memory units, budget and the ranking it used."""
 
     name: str
@@ -67,12 +71,9 @@ class ModelFacts:
     pool_layers: int
     ranking: dict                   # source, key, steps, meta, coverage, top_k
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class DataFacts:
+class DataFacts(_Section):
     """The data set as the run saw it: sizes, split, normalisation, load time."""
 
     name: str
@@ -86,20 +87,14 @@ class DataFacts:
     data_seed: int
     load_s: float
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class MemoryFacts:
+class MemoryFacts(_Section):
     """Bytes saved for backward by full fine-tuning, measured in plain PyTorch and modelled."""
 
     batch: int
     plain_full_finetune_measured_bytes: int
     trady_full_analytic_bytes: int
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
