@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# The paper's budgets (TRADY.md section 4): MobileNetV2-w0.35 memory units at 128x128,
+# The paper's budgets (docs/METHOD.md section 4): MobileNetV2-w0.35 memory units at 128x128,
 # and the keep ratios they make of its 1,252,320 full units (used for other backbones).
 MBV2_FULL_UNITS = 1_252_320
 MBV2_BUDGET_UNITS = (27_946, 66_592, 93_696)

@@ -30,8 +30,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-KERNEL_TESTS = ("tests/test_kernels_compaction.py", "tests/test_kernels_masks.py",
-                "tests/test_kernels_weight_grad.py", "tests/test_kernels_errors.py",
+KERNEL_TESTS = ("tests/test_kernels_compaction.py", "tests/test_kernels_activation.py",
+                "tests/test_kernels_masks.py", "tests/test_kernels_conv_weight_grad.py",
+                "tests/test_kernels_depthwise_weight_grad.py",
+                "tests/test_kernels_gemm_weight_grad.py", "tests/test_kernels_errors.py",
                 "tests/test_kernels_end_to_end.py")
 
 

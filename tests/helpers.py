@@ -6,6 +6,7 @@ import these as ``from helpers import small_net``.
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class InvertedResidual(nn.Module):
@@ -84,3 +85,86 @@ def assert_same_model_state(before: dict, after: dict, same_module_objects: bool
     assert list(after["state_dict"]) == list(before["state_dict"])
     for name, value in before["state_dict"].items():
         assert torch.equal(after["state_dict"][name], value), name
+
+
+# ------------------------------------------------------------------ kernel tests
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ORDERS = ["first", "last", "reversed", "shuffled", "all", "repeated"]
+# (shape, layout): contiguous N-D, NCHW, channels_last with H*W % 8 == 0 (tile kernel),
+# with H*W % 8 != 0 (strided flat kernel), with H*W < 8, and a non-dense view.
+MASK_SHAPES = [((37,), "contiguous"), ((5, 19), "contiguous"), ((2, 19, 7, 9), "contiguous"),
+               ((2, 19, 7, 9), "channels_last"), ((2, 19, 8, 8), "channels_last"),
+               ((2, 70, 4, 6), "channels_last"), ((3, 5, 1, 3), "channels_last"),
+               ((2, 19, 9, 11), "transposed"), ((1, 1, 1, 1), "contiguous")]
+
+
+def rand(shape, dtype, device, layout="nchw", seed=0, scale=1.0):
+    """Seeded normal noise (times ``scale``) in ``dtype``, NCHW or channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(device)
+
+
+def make_x(shape, layout, dtype, device, seed=0):
+    """Input of the ReLU/ReLU6 mask kernels: noise led by NaN, +-inf, -0, 0 and the clamp bound."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 4).to(dtype)
+    flat = x.view(-1)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 6.0, 0.5],
+                           dtype=dtype)
+    n = min(flat.numel(), special.numel())
+    flat[:n] = special[:n]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x.to(device)
+
+
+def conv_weight_grad64(x, dy, weight_shape, stride, padding, dilation, groups):
+    """Full float64 dW of a conv via unfold + einsum (fast on CPU, unlike float64
+    dilated/grouped autograd); checked against autograd in test_oracle_matches_autograd."""
+    O, ipg, KH, KW = weight_shape
+    N, C = x.shape[:2]
+    cols = F.unfold(x.double(), (KH, KW), dilation, padding, stride)      # [N, C*T, P*Q]
+    cols = cols.reshape(N, groups, ipg * KH * KW, -1)
+    d = dy.double().reshape(N, groups, O // groups, -1)
+    w = torch.einsum("ngol,ngil->goi", d, cols)
+    return w.reshape(weight_shape)
+
+
+def conv_case(N, C, H, W, O, kernel, stride, padding, dilation, groups, dtype, device,
+              idx, x_layout="nchw", dy_layout="nchw", split_k=None):
+    """Run the masked conv dW kernel on random inputs and check it against float64."""
+    from trady_triton.kernels import conv2d_weight_grad_masked
+    from trady_triton.kernels.testing import poisoned, tolerances
+
+    x = rand((N, C, H, W), dtype, device, x_layout, 0)
+    weight_shape = (O, C // groups, *kernel)
+    P = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    Q = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    dy = rand((N, O, P, Q), dtype, device, dy_layout, 1)
+    # float64 reference on the upcast inputs
+    full = conv_weight_grad64(x, dy, weight_shape, stride, padding, dilation, groups)
+    # what the layer's forward saves: x[:, idx] (kept in x's layout when channels_last)
+    x_compact = x.index_select(1, idx.long())
+    if x_layout == "channels_last":
+        x_compact = x_compact.contiguous(memory_format=torch.channels_last)
+    with poisoned():
+        got = conv2d_weight_grad_masked(x_compact, dy, idx, weight_shape, stride, padding,
+                                        dilation, groups, split_k=split_k)
+    assert got.shape == weight_shape and got.dtype == dtype and got.device == dy.device
+    # selected slices: input channel c of group g -> dW[g*opg:(g+1)*opg, c % ipg]
+    ipg, opg = C // groups, O // groups
+    selected = torch.zeros(weight_shape, dtype=torch.bool, device=device)
+    for c in set(idx.tolist()):
+        g = c // ipg
+        selected[g * opg:(g + 1) * opg, c % ipg] = True
+    assert torch.isfinite(got).all()
+    assert (got[~selected] == 0).all()
+    L = N * P * Q
+    torch.testing.assert_close(got.double()[selected], full[selected], **tolerances(dtype, L))
+    return got

@@ -1,4 +1,4 @@
-"""1-bit masks: pack / unpack and the ReLU / ReLU6 forward and backward vs. the reference.
+"""1-bit masks (kernels/masks.py): pack / unpack and the ReLU / ReLU6 backward vs. the reference.
 
 ReLU and the clamp are exact in every dtype, so outputs must match bit for bit.
 """
@@ -7,32 +7,10 @@ import pytest
 import torch
 
 from trady_triton import reference as ref
-from trady_triton.kernels import pack_mask, relu_backward_mask, relu_forward_mask, unpack_mask
+from trady_triton.kernels import pack_mask, relu_backward_mask, unpack_mask
 from trady_triton.kernels.testing import poisoned
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (shape, layout): contiguous N-D, NCHW, channels_last with H*W % 8 == 0 (tile kernel),
-# with H*W % 8 != 0 (strided flat kernel), with H*W < 8, and a non-dense view.
-SHAPES = [((37,), "contiguous"), ((5, 19), "contiguous"), ((2, 19, 7, 9), "contiguous"),
-          ((2, 19, 7, 9), "channels_last"), ((2, 19, 8, 8), "channels_last"),
-          ((2, 70, 4, 6), "channels_last"), ((3, 5, 1, 3), "channels_last"),
-          ((2, 19, 9, 11), "transposed"), ((1, 1, 1, 1), "contiguous")]
-
-
-def make_x(shape, layout, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 4).to(dtype)
-    flat = x.view(-1)
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 6.0, 0.5],
-                           dtype=dtype)
-    n = min(flat.numel(), special.numel())
-    flat[:n] = special[:n]
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        x = x.transpose(2, 3).contiguous().transpose(2, 3)
-    return x.to(device)
-
+from helpers import DTYPES, MASK_SHAPES as SHAPES, make_x
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 100, 4096, 4097, 10001])
 def test_pack_unpack(numel, device):
@@ -58,21 +36,6 @@ def test_pack_shapes_and_views(device):
             assert torch.equal(pack_mask(p), ref.pack_mask(p))
     empty = torch.zeros(0, dtype=torch.bool, device=device)
     assert pack_mask(empty).numel() == 0 and unpack_mask(pack_mask(empty), 0).numel() == 0
-
-
-@pytest.mark.parametrize("shape,layout", SHAPES)
-@pytest.mark.parametrize("upper", [None, 6.0, 0.75])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_relu_forward_mask(shape, layout, upper, dtype, device):
-    x = make_x(shape, layout, dtype, device)
-    with poisoned():
-        y, packed = relu_forward_mask(x, upper)
-    ry, rpacked = ref.relu_forward_mask(x, upper)
-    assert y.dtype == dtype and y.shape == x.shape
-    if layout == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, ry, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(packed, rpacked)
 
 
 @pytest.mark.parametrize("shape,layout", SHAPES)

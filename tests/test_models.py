@@ -218,7 +218,7 @@ def test_mcunet_in1_full_ft_units():
     _weights("mcunet-in1")
     units = conv_memory_units(build_model("mcunet-in1"), 128)
     assert (units["weights"], units["activations"]) == (463_216, 846_592)
-    assert units["total"] == 1_309_808  # TRADY.md section 4
+    assert units["total"] == 1_309_808  # docs/METHOD.md section 4
 
 
 @pytest.mark.parametrize("arch", sorted(TINYML_EXPECTED))
@@ -249,7 +249,7 @@ def test_mbv2_arch_convs_and_units():
     assert model.arch_name == "mbv2-w0.35-arch" and model.input_size == 128
     units = conv_memory_units(model, 128)
     assert units["convs"] == 52
-    assert units["total"] == 1_252_320  # TRADY.md section 4
+    assert units["total"] == 1_252_320  # docs/METHOD.md section 4
     assert (units["weights"], units["activations"]) == (288_864, 963_456)
     assert model.classifier.in_features == 448 and model.classifier.out_features == 10
     assert _last_linear(model) is model.classifier

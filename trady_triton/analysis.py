@@ -40,6 +40,7 @@ from . import sampling
 from .api import convert
 from .cost import LayerCost
 from .ranking import LayerRanking, channel_grad_norms, channel_rgn, rank_layers
+from .tables import text_table
 
 __all__ = [
     "Task", "load_task", "proxy_ranking", "channel_scores_at_start", "score_channels",
@@ -290,6 +291,93 @@ def _start_run(task, policy, lr, keep_ratio, ranking, seed, batch_size, max_batc
     return pol, lr, model, first, controller, _body(controller)
 
 
+@dataclass
+class _Updates:
+    """Sparse and full updates summed over the run (``cum``) and over epochs of unit full norm
+    (``unit``), and which body weight elements the sparse updates have touched so far."""
+
+    zeros: Grads
+    sparse_cum: Grads = field(init=False)
+    full_cum: Grads = field(init=False)
+    sparse_unit: Grads = field(init=False)
+    full_unit: Grads = field(init=False)
+    touched: dict = field(init=False)
+
+    def __post_init__(self):
+        for name in ("sparse_cum", "full_cum", "sparse_unit", "full_unit"):
+            setattr(self, name, self.fresh())
+        self.touched = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in self.zeros.items()}
+
+    def fresh(self) -> Grads:
+        return {k: v.clone() for k, v in self.zeros.items()}
+
+    def add_epoch(self, sparse_ep: Grads, full_ep: Grads) -> None:
+        scale = 1.0 / max(norm(full_ep), 1e-300)
+        for k in self.zeros:
+            self.sparse_cum[k].add_(sparse_ep[k])
+            self.full_cum[k].add_(full_ep[k])
+            self.sparse_unit[k].add_(sparse_ep[k], alpha=scale)
+            self.full_unit[k].add_(full_ep[k], alpha=scale)
+
+    def coverage(self) -> float:
+        n_weights = sum(v.numel() for v in self.zeros.values())
+        return sum(int(t.sum()) for t in self.touched.values()) / n_weights
+
+
+def _sparse_sgd_epoch(controller, body, head, masks, batches, rate_at, step: int,
+                      updates: _Updates):
+    """One epoch of SGD with the masked full gradient; returns the epoch's sparse and full
+    updates, the per-step cosines and losses, and the next step."""
+    sparse_ep, full_ep = updates.fresh(), updates.fresh()
+    step_cos, losses = [], []
+    for x, y in batches:
+        rate = rate_at(step)
+        grads, head_grads, loss, _ = full_gradients(controller, x, y)
+        step += 1
+        if not math.isfinite(loss):
+            losses.append(float("nan"))
+            continue
+        sparse = {k: g * masks[k] for k, g in grads.items()}
+        step_cos.append(cosine(sparse, grads))
+        with torch.no_grad():
+            for layer in body:
+                w = controller.modules[layer.name].weight
+                if masks[layer.name].any():
+                    w.sub_(rate * sparse[layer.name])
+                sparse_ep[layer.name].add_(sparse[layer.name].double(), alpha=rate)
+                full_ep[layer.name].add_(grads[layer.name].double(), alpha=rate)
+            if head is not None:
+                for name, p in head.named_parameters():
+                    p.sub_(rate * head_grads[name])
+        losses.append(loss)
+    return sparse_ep, full_ep, step_cos, losses, step
+
+
+def _tracking_row(task: Task, pol, lr: float, keep_ratio, controller, epoch: int,
+                  updates: _Updates, sparse_ep: Grads, full_ep: Grads, step_cos, losses,
+                  masks, test_accuracy) -> dict:
+    u = updates
+    return {
+        "model": task.model_name, "data": task.data, "policy": pol.name, "lr": lr,
+        "keep_ratio": keep_ratio if pol.pool not in ("none", "full") else None,
+        "budget_units": controller.budget_units, "epoch": epoch + 1,
+        "cos_cum": cosine(u.sparse_cum, u.full_cum),
+        "relerr_cum": relative_error(u.sparse_cum, u.full_cum),
+        "norm_ratio_cum": norm(u.sparse_cum) / max(norm(u.full_cum), 1e-300),
+        "cos_cum_unit": cosine(u.sparse_unit, u.full_unit),
+        "full_epoch_norm": norm(full_ep),
+        "cos_epoch": cosine(sparse_ep, full_ep),
+        "relerr_epoch": relative_error(sparse_ep, full_ep),
+        "step_cos": float(np.mean(step_cos)) if step_cos else float("nan"),
+        "step_cos_min": float(np.min(step_cos)) if step_cos else float("nan"),
+        "coverage": u.coverage(),
+        "selected_units": controller.stats().selected_units,
+        "layers_trained": sum(1 for m in masks.values() if m.any()),
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "test_accuracy": test_accuracy,
+    }
+
+
 def track_sparse_training(task: Task, policy: str, *, keep_ratio: float | None = None,
                           ranking: LayerRanking | None = None, epochs: int = 3,
                           batch_size: int = 32, lr: float | None = None,
@@ -323,14 +411,8 @@ def track_sparse_training(task: Task, policy: str, *, keep_ratio: float | None =
                                                          seed, batch_size, max_batches)
     steps_per_epoch = len(first)
     total, warm = steps_per_epoch * epochs, steps_per_epoch * warmup_epochs
-    zeros = {l.name: torch.zeros_like(controller.modules[l.name].weight, dtype=torch.float64)
-             for l in body}
-    sparse_cum = {k: v.clone() for k, v in zeros.items()}
-    full_cum = {k: v.clone() for k, v in zeros.items()}
-    sparse_unit = {k: v.clone() for k, v in zeros.items()}
-    full_unit = {k: v.clone() for k, v in zeros.items()}
-    touched = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in zeros.items()}
-    n_weights = sum(v.numel() for v in zeros.values())
+    updates = _Updates({l.name: torch.zeros_like(controller.modules[l.name].weight,
+                                                 dtype=torch.float64) for l in body})
     head = model.get_submodule(controller.classifier) if controller.classifier else None
     rows, step = [], 0
     for epoch in range(epochs):
@@ -341,57 +423,15 @@ def track_sparse_training(task: Task, policy: str, *, keep_ratio: float | None =
         controller.resample(epoch)
         masks = selection_masks(controller)
         for name, m in masks.items():
-            touched[name] |= m
-        sparse_ep = {k: v.clone() for k, v in zeros.items()}
-        full_ep = {k: v.clone() for k, v in zeros.items()}
-        step_cos, losses = [], []
-        for x, y in task.batches(batch_size, seed, epoch, max_batches=max_batches):
-            rate = lr_at(step, total, warm, lr)
-            grads, head_grads, loss, _ = full_gradients(controller, x, y)
-            if not math.isfinite(loss):
-                losses.append(float("nan"))
-                step += 1
-                continue
-            sparse = {k: g * masks[k] for k, g in grads.items()}
-            step_cos.append(cosine(sparse, grads))
-            with torch.no_grad():
-                for layer in body:
-                    w = controller.modules[layer.name].weight
-                    if masks[layer.name].any():
-                        w.sub_(rate * sparse[layer.name])
-                    sparse_ep[layer.name].add_(sparse[layer.name].double(), alpha=rate)
-                    full_ep[layer.name].add_(grads[layer.name].double(), alpha=rate)
-                if head is not None:
-                    for name, p in head.named_parameters():
-                        p.sub_(rate * head_grads[name])
-            losses.append(loss)
-            step += 1
-        scale = 1.0 / max(norm(full_ep), 1e-300)
-        for k in zeros:
-            sparse_cum[k].add_(sparse_ep[k])
-            full_cum[k].add_(full_ep[k])
-            sparse_unit[k].add_(sparse_ep[k], alpha=scale)
-            full_unit[k].add_(full_ep[k], alpha=scale)
-        stats = controller.stats()
-        row = {
-            "model": task.model_name, "data": task.data, "policy": pol.name, "lr": lr,
-            "keep_ratio": keep_ratio if pol.pool not in ("none", "full") else None,
-            "budget_units": controller.budget_units, "epoch": epoch + 1,
-            "cos_cum": cosine(sparse_cum, full_cum),
-            "relerr_cum": relative_error(sparse_cum, full_cum),
-            "norm_ratio_cum": norm(sparse_cum) / max(norm(full_cum), 1e-300),
-            "cos_cum_unit": cosine(sparse_unit, full_unit),
-            "full_epoch_norm": norm(full_ep),
-            "cos_epoch": cosine(sparse_ep, full_ep),
-            "relerr_epoch": relative_error(sparse_ep, full_ep),
-            "step_cos": float(np.mean(step_cos)) if step_cos else float("nan"),
-            "step_cos_min": float(np.min(step_cos)) if step_cos else float("nan"),
-            "coverage": sum(int(t.sum()) for t in touched.values()) / n_weights,
-            "selected_units": stats.selected_units,
-            "layers_trained": sum(1 for m in masks.values() if m.any()),
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "test_accuracy": _accuracy(model, task.test_x, task.test_y) if evaluate else None,
-        }
+            updates.touched[name] |= m
+        sparse_ep, full_ep, step_cos, losses, step = _sparse_sgd_epoch(
+            controller, body, head, masks,
+            task.batches(batch_size, seed, epoch, max_batches=max_batches),
+            lambda s: lr_at(s, total, warm, lr), step, updates)
+        updates.add_epoch(sparse_ep, full_ep)
+        row = _tracking_row(task, pol, lr, keep_ratio, controller, epoch, updates, sparse_ep,
+                            full_ep, step_cos, losses, masks,
+                            _accuracy(model, task.test_x, task.test_y) if evaluate else None)
         row.update(extra or {})
         rows.append(row)
     return rows
@@ -717,9 +757,5 @@ def format_table(rows: Sequence[dict], columns: Sequence[str], formats: dict | N
             return f"{value:.4g}"
         return str(value)
 
-    table = [list(columns)] + [[cell(r, c) for c in columns] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    lines = ["  ".join(v.rjust(w) if j else v.ljust(w) for j, (v, w) in enumerate(zip(line, widths)))
-             for line in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(columns, [[cell(r, c) for c in columns] for r in rows],
+                      align="l" + "r" * (len(columns) - 1))

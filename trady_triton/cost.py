@@ -1,4 +1,4 @@
-"""The cost model of TRADY.md sections 1 and 4: memory units, bytes, FLOPs, sparsities.
+"""The cost model of docs/METHOD.md sections 1 and 4: memory units, bytes, FLOPs, sparsities.
 
 All per-channel figures are per sample. For a conv with weight ``[C', C/g, D, D]``
 and input ``[B, C, H, W]``, input channel ``c`` costs
@@ -92,7 +92,7 @@ def full_units(layers: list[LayerCost]) -> int:
 
 @dataclass
 class SelectionStats:
-    """Per-epoch figures of TRADY.md section 4 for one selection."""
+    """Per-epoch figures of docs/METHOD.md section 4 for one selection."""
 
     selected_units: int
     budget_units: int | None

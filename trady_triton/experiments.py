@@ -26,6 +26,8 @@ from pathlib import Path
 
 from . import progress
 from .presets import BUDGET_LEVELS, BUDGETLESS_POLICIES, DEFAULT_PRESET, PRESETS
+from .records import RunRecord
+from .tables import markdown_table, mib, pct
 from .sampling import POLICIES, get_policy
 
 PROG = "trady-experiments"
@@ -117,8 +119,8 @@ def run_jobs(jobs: list[Job], root: Path, *, preset: str = DEFAULT_PRESET, threa
             log(f"{tag}: FAILED {type(error).__name__}: {error}")
             continue
         counts["run"] += 1
-        final = record["final"]
-        log(f"{tag}: {final['eval_split']} acc {100 * final['eval_accuracy']:.2f}% "
+        final = RunRecord.from_dict(record).final
+        log(f"{tag}: {final.eval_split} acc {100 * final.eval_accuracy:.2f}% "
             f"({time.perf_counter() - tick:.1f}s{', resumed' if resume else ''}; "
             f"elapsed {time.perf_counter() - started:.0f}s)")
     return counts
@@ -140,9 +142,9 @@ def load_records(root: Path) -> list[dict]:
     return records
 
 
-def _budget_label(record: dict) -> str:
-    return NO_BUDGET if get_policy(record["config"]["policy"]).name in BUDGETLESS_POLICIES \
-        else record["config"]["budget"]
+def _budget_label(record: RunRecord) -> str:
+    return NO_BUDGET if get_policy(record.config.policy).name in BUDGETLESS_POLICIES \
+        else record.config.budget
 
 
 def _spread(values: list[float]) -> dict:
@@ -154,54 +156,56 @@ def _spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values)}
 
 
-def summarize_records(records: list[dict]) -> dict:
-    """Mean and spread over seeds per (model, data, policy, budget), plus paired differences."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        key = (r["config"]["model"], r["config"]["data"], get_policy(r["config"]["policy"]).name,
-               _budget_label(r))
-        groups.setdefault(key, []).append(r)
-    rows = []
-    for (model, data, policy, budget), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["config"]["seed"])
-        last = [r["epochs"][-1] for r in rs]
-        rows.append({
-            "model": model, "data": data, "policy": policy, "budget": budget,
-            "seeds": [r["config"]["seed"] for r in rs],
-            "accuracy": _spread([r["final"]["eval_accuracy"] for r in rs]),
-            "accuracy_per_seed": [r["final"]["eval_accuracy"] for r in rs],
-            "budget_units": rs[0]["model"]["budget_units"],
-            "full_units": rs[0]["model"]["full_units"],
-            "budget_fraction": rs[0]["model"]["budget_fraction"],
-            "selected_units": _spread([e["selected_units"] for e in last])["mean"],
-            "channels_drawn": _spread([e["channels_drawn"] for r in rs for e in r["epochs"]])["mean"],
-            "weight_sparsity": _spread([r["final"]["mean_weight_sparsity"] for r in rs])["mean"],
-            "activation_sparsity": _spread([r["final"]["mean_activation_sparsity"] for r in rs])["mean"],
-            "weight_grad_flops_saved": _spread([r["final"]["mean_weight_grad_flops_saved"]
-                                                for r in rs])["mean"],
-            "saved_bytes_measured": _spread([r["final"]["saved_bytes_measured"] for r in rs])["mean"],
-            "saved_bytes_match": all(r["final"]["saved_bytes_match_all_epochs"] for r in rs),
-            "plain_full_finetune_bytes": rs[0]["memory"]["plain_full_finetune_measured_bytes"],
-            "lr": rs[0]["settings"]["lr"], "lr_source": rs[0]["settings"]["lr_source"],
-            "wall_s": _spread([r["final"]["wall_s"] for r in rs])["mean"],
-            "diverged_seeds": sum(1 for r in rs if r["final"]["diverged"]),
-            "preset": rs[0]["settings"]["preset"], "resolution": rs[0]["settings"]["resolution"],
-            "train_size": rs[0]["data"]["train_size"], "eval_size": rs[0]["data"]["eval_size"],
-            "epochs": rs[0]["settings"]["epochs"],
-            "top_k": rs[0]["model"]["ranking"].get("top_k"),
-            "ranking_key": rs[0]["model"]["ranking"].get("key"),
-        })
-    by_key = {(r["model"], r["data"], r["policy"], r["budget"]): r for r in rows}
+def _summary_row(key: tuple, rs: list[RunRecord]) -> dict:
+    """One (model, data, policy, budget) cell: accuracy spread over seeds and mean costs."""
+    model, data, policy, budget = key
+    rs = sorted(rs, key=lambda r: r.config.seed)
+    first, last = rs[0], [r.epochs[-1] for r in rs]
+
+    def mean_final(name: str):
+        return _spread([getattr(r.final, name) for r in rs])["mean"]
+
+    return {
+        "model": model, "data": data, "policy": policy, "budget": budget,
+        "seeds": [r.config.seed for r in rs],
+        "accuracy": _spread([r.final.eval_accuracy for r in rs]),
+        "accuracy_per_seed": [r.final.eval_accuracy for r in rs],
+        "budget_units": first.model.budget_units,
+        "full_units": first.model.full_units,
+        "budget_fraction": first.model.budget_fraction,
+        "selected_units": _spread([e.selected_units for e in last])["mean"],
+        "channels_drawn": _spread([e.channels_drawn for r in rs for e in r.epochs])["mean"],
+        "weight_sparsity": mean_final("mean_weight_sparsity"),
+        "activation_sparsity": mean_final("mean_activation_sparsity"),
+        "weight_grad_flops_saved": mean_final("mean_weight_grad_flops_saved"),
+        "saved_bytes_measured": mean_final("saved_bytes_measured"),
+        "saved_bytes_match": all(r.final.saved_bytes_match_all_epochs for r in rs),
+        "plain_full_finetune_bytes": first.memory.plain_full_finetune_measured_bytes,
+        "lr": first.settings.lr, "lr_source": first.settings.lr_source,
+        "wall_s": mean_final("wall_s"),
+        "diverged_seeds": sum(1 for r in rs if r.final.diverged),
+        "preset": first.settings.preset, "resolution": first.settings.resolution,
+        "train_size": first.data.train_size, "eval_size": first.data.eval_size,
+        "epochs": first.settings.epochs,
+        "top_k": first.model.ranking.get("top_k"),
+        "ranking_key": first.model.ranking.get("key"),
+    }
+
+
+_PAIRS = (("d-topk", "s-topk"), ("d-topk", "d-fullrandom"), ("d-fullrandom", "s-fullrandom"),
+          ("d-detrgn", "s-detrgn"), ("d-topk", "d-detrgn"))
+
+
+def _budget_order(budget: str):
+    return (BUDGET_LEVELS.index(budget), "") if budget in BUDGET_LEVELS else (99, budget)
+
+
+def _paired_comparisons(by_key: dict) -> list[dict]:
+    """Same-seed accuracy differences of the policy pairs, per (model, data, budget)."""
     comparisons = []
-    pairs = (("d-topk", "s-topk"), ("d-topk", "d-fullrandom"), ("d-fullrandom", "s-fullrandom"),
-             ("d-detrgn", "s-detrgn"), ("d-topk", "d-detrgn"))
-
-    def budget_order(budget: str):
-        return (BUDGET_LEVELS.index(budget), "") if budget in BUDGET_LEVELS else (99, budget)
-
     keys = sorted({(m, d) for m, d, _, _ in by_key})
-    budgets = sorted({b for _, _, _, b in by_key}, key=budget_order)
-    for (model, data), (a, b), budget in ((md, pair, bud) for md in keys for pair in pairs
+    budgets = sorted({b for _, _, _, b in by_key}, key=_budget_order)
+    for (model, data), (a, b), budget in ((md, pair, bud) for md in keys for pair in _PAIRS
                                           for bud in budgets):
         if (model, data, a, budget) not in by_key or (model, data, b, budget) not in by_key:
             continue
@@ -215,6 +219,18 @@ def summarize_records(records: list[dict]) -> dict:
                             "seeds": common, "diffs": diffs, "diff": _spread(diffs),
                             "wins": sum(d > 0 for d in diffs),
                             "ties": sum(d == 0 for d in diffs)})
+    return comparisons
+
+
+def summarize_records(records: list[RunRecord | dict]) -> dict:
+    """Mean and spread over seeds per (model, data, policy, budget), plus paired differences."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in map(RunRecord.coerce, records):
+        key = (r.config.model, r.config.data, get_policy(r.config.policy).name, _budget_label(r))
+        groups.setdefault(key, []).append(r)
+    rows = [_summary_row(key, rs) for key, rs in sorted(groups.items())]
+    comparisons = _paired_comparisons({(r["model"], r["data"], r["policy"], r["budget"]): r
+                                       for r in rows})
     return {"format": SUMMARY_FORMAT, "version": 1, "runs": len(records), "rows": rows,
             "comparisons": comparisons, "pooled": pool_comparisons(comparisons)}
 
@@ -235,22 +251,23 @@ def pool_comparisons(comparisons: list[dict]) -> list[dict]:
     return pooled
 
 
-def compact_record(record: dict) -> dict:
+def compact_record(record: RunRecord | dict) -> dict:
     """One line per run for committing: settings, final figures, per-epoch curves."""
-    epochs = record["epochs"]
+    r = RunRecord.coerce(record)
+    epochs = r.epochs
     return {
-        "model": record["config"]["model"], "data": record["config"]["data"],
-        "policy": get_policy(record["config"]["policy"]).name, "budget": _budget_label(record),
-        "seed": record["config"]["seed"], "lr": record["settings"]["lr"],
-        "budget_units": record["model"]["budget_units"], "full_units": record["model"]["full_units"],
-        "final": record["final"],
-        "eval_accuracy": [e["eval_accuracy"] for e in epochs],
-        "train_loss": [e["train_loss"] for e in epochs],
-        "channels_drawn": [e["channels_drawn"] for e in epochs],
-        "layers_trained": [e["layers_trained"] for e in epochs],
-        "draw_digest": [e["draw_digest"] for e in epochs],
-        "saved_bytes_measured": [e["saved_bytes_measured"] for e in epochs],
-        "epoch_wall_s": [e["wall_s"] for e in epochs],
+        "model": r.config.model, "data": r.config.data,
+        "policy": get_policy(r.config.policy).name, "budget": _budget_label(r),
+        "seed": r.config.seed, "lr": r.settings.lr,
+        "budget_units": r.model.budget_units, "full_units": r.model.full_units,
+        "final": r.final.to_dict() if r.final is not None else None,
+        "eval_accuracy": [e.eval_accuracy for e in epochs],
+        "train_loss": [e.train_loss for e in epochs],
+        "channels_drawn": [e.channels_drawn for e in epochs],
+        "layers_trained": [e.layers_trained for e in epochs],
+        "draw_digest": [e.draw_digest for e in epochs],
+        "saved_bytes_measured": [e.saved_bytes_measured for e in epochs],
+        "epoch_wall_s": [e.wall_s for e in epochs],
     }
 
 
@@ -262,81 +279,85 @@ def _cell(spread: dict) -> str:
     return f"{100 * spread['mean']:.1f} ± {100 * spread['std']:.1f}"
 
 
+def _accuracy_table(sub: list[dict], budgets: list[str], order: list[str]) -> str:
+    """Policies x budgets: mean ± std top-1 % over seeds, n and the learning rate."""
+    header = ["policy"]
+    for b in budgets:
+        units = next((r for r in sub if r["budget"] == b), None)
+        header.append(f"{b} ({units['budget_units']:,} u = "
+                      f"{100 * units['budget_fraction']:.2f}%)" if units else b)
+    rows = []
+    for policy in order:
+        cells = [policy]
+        for b in budgets:
+            row = next((r for r in sub if r["policy"] == policy and
+                        r["budget"] in (b, NO_BUDGET)), None)
+            if row is None:
+                cells.append("-")
+                continue
+            text = f"{_cell(row['accuracy'])} (n={row['accuracy']['n']}, lr {row['lr']:g})"
+            if row["diverged_seeds"]:
+                text += f", {row['diverged_seeds']} diverged"
+            cells.append(text)
+        rows.append(cells)
+    return markdown_table(header, rows)
+
+
+def _memory_table(sub: list[dict], order: list[str]) -> str:
+    header = ["policy", "budget", "channels drawn", "act. sparsity %", "W sparsity %",
+              "dW FLOPs saved %", "saved for backward MiB", "vs plain full FT"]
+    rows = [[row["policy"], row["budget"], f"{row['channels_drawn']:.0f}",
+             pct(row["activation_sparsity"]), pct(row["weight_sparsity"]),
+             pct(row["weight_grad_flops_saved"]), mib(row["saved_bytes_measured"], 3),
+             f"{100 * row['saved_bytes_measured'] / row['plain_full_finetune_bytes']:.1f}%"]
+            for row in sorted(sub, key=lambda r: (order.index(r["policy"]), r["budget"]))]
+    return markdown_table(header, rows)
+
+
+def _model_data_section(sub: list[dict], model: str, data: str) -> list[str]:
+    budgets = [b for b in BUDGET_LEVELS if any(r["budget"] == b for r in sub)]
+    budgets += sorted({r["budget"] for r in sub} - set(budgets) - {NO_BUDGET})
+    order = [p for p in SWEEP_POLICIES if any(r["policy"] == p for r in sub)]
+    any_row = sub[0]
+    checked = "(checked)" if all(r["saved_bytes_match"] for r in sub) \
+        else "(NOT all equal: see JSON)"
+    return [f"### {model} on {data}", "",
+            f"{any_row['resolution']}x{any_row['resolution']}, {any_row['train_size']} "
+            f"training / {any_row['eval_size']} test images, {any_row['epochs']} epochs, "
+            f"preset {any_row['preset']}; top-1 test accuracy % after the last epoch, "
+            f"mean ± sample std over seeds (n = number of seeds); in brackets the "
+            f"learning rate.", "",
+            _accuracy_table(sub, budgets, order), "",
+            "Memory and compute per budget (mean over policies' seeds; classifier excluded "
+            "from units and sparsities; saved bytes = measured bytes autograd keeps for "
+            f"backward at batch 32, which equal the cost model's in every run {checked}):", "",
+            _memory_table(sub, order), ""]
+
+
+def _diff(c: dict) -> str:
+    return f"{100 * c['diff']['mean']:+.1f} ± {100 * c['diff']['std']:.1f}"
+
+
 def format_markdown(summary: dict) -> str:
     """Tables per (model, data): policies x budgets, mean ± std (over seeds) top-1 %."""
     rows = summary["rows"]
     lines = []
     for model, data in sorted({(r["model"], r["data"]) for r in rows}):
         sub = [r for r in rows if r["model"] == model and r["data"] == data]
-        budgets = [b for b in BUDGET_LEVELS if any(r["budget"] == b for r in sub)]
-        budgets += sorted({r["budget"] for r in sub} - set(budgets) - {NO_BUDGET})
-        any_row = sub[0]
-        lines.append(f"### {model} on {data}")
-        lines.append("")
-        lines.append(f"{any_row['resolution']}x{any_row['resolution']}, {any_row['train_size']} "
-                     f"training / {any_row['eval_size']} test images, {any_row['epochs']} epochs, "
-                     f"preset {any_row['preset']}; top-1 test accuracy % after the last epoch, "
-                     f"mean ± sample std over seeds (n = number of seeds); in brackets the "
-                     f"learning rate.")
-        lines.append("")
-        header = ["policy"]
-        for b in budgets:
-            units = next((r for r in sub if r["budget"] == b), None)
-            header.append(f"{b} ({units['budget_units']:,} u = "
-                          f"{100 * units['budget_fraction']:.2f}%)" if units else b)
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        order = [p for p in SWEEP_POLICIES if any(r["policy"] == p for r in sub)]
-        for policy in order:
-            cells = [policy]
-            for b in budgets:
-                row = next((r for r in sub if r["policy"] == policy and
-                            r["budget"] in (b, NO_BUDGET)), None)
-                if row is None:
-                    cells.append("-")
-                    continue
-                text = f"{_cell(row['accuracy'])} (n={row['accuracy']['n']}, lr {row['lr']:g})"
-                if row["diverged_seeds"]:
-                    text += f", {row['diverged_seeds']} diverged"
-                cells.append(text)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append("Memory and compute per budget (mean over policies' seeds; classifier excluded "
-                     "from units and sparsities; saved bytes = measured bytes autograd keeps for "
-                     "backward at batch 32, which equal the cost model's in every run "
-                     f"{'(checked)' if all(r['saved_bytes_match'] for r in sub) else '(NOT all equal: see JSON)'}):")
-        lines.append("")
-        lines.append("| policy | budget | channels drawn | act. sparsity % | W sparsity % | "
-                     "dW FLOPs saved % | saved for backward MiB | vs plain full FT |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for row in sorted(sub, key=lambda r: (order.index(r["policy"]), r["budget"])):
-            lines.append(
-                f"| {row['policy']} | {row['budget']} | {row['channels_drawn']:.0f} | "
-                f"{100 * row['activation_sparsity']:.1f} | {100 * row['weight_sparsity']:.1f} | "
-                f"{100 * row['weight_grad_flops_saved']:.1f} | "
-                f"{row['saved_bytes_measured'] / 2 ** 20:.3f} | "
-                f"{100 * row['saved_bytes_measured'] / row['plain_full_finetune_bytes']:.1f}% |")
-        lines.append("")
-    def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-        lines.extend([title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)])
-        lines.extend("| " + " | ".join(row) + " |" for row in rows)
-        lines.append("")
-
-    def diff(c: dict) -> str:
-        return f"{100 * c['diff']['mean']:+.1f} ± {100 * c['diff']['std']:.1f}"
-
+        lines += _model_data_section(sub, model, data)
     comps = [c for c in summary["comparisons"] if c["diff"].get("n")]
     if summary["comparisons"]:
-        table("### Paired differences (same seed), accuracy points",
-              ["model", "data", "budget", "comparison", "mean diff ± std", "wins / seeds"],
-              [[c["model"], c["data"], c["budget"], f"{c['a']} − {c['b']}", diff(c),
-                f"{c['wins']} / {c['diff']['n']}"] for c in comps])
+        lines += ["### Paired differences (same seed), accuracy points", "", markdown_table(
+            ["model", "data", "budget", "comparison", "mean diff ± std", "wins / seeds"],
+            [[c["model"], c["data"], c["budget"], f"{c['a']} − {c['b']}", _diff(c),
+              f"{c['wins']} / {c['diff']['n']}"] for c in comps]), ""]
     pooled = summary.get("pooled") or []
     if pooled:
-        table("### Paired differences pooled over data sets and budgets, accuracy points",
-              ["comparison", "model", "mean diff ± std", "wins / losses / pairs"],
-              [[f"{c['a']} − {c['b']}", c["model"], diff(c),
-                f"{c['wins']} / {c['losses']} / {c['diff']['n']}"] for c in pooled])
+        lines += ["### Paired differences pooled over data sets and budgets, accuracy points",
+                  "", markdown_table(
+                      ["comparison", "model", "mean diff ± std", "wins / losses / pairs"],
+                      [[f"{c['a']} − {c['b']}", c["model"], _diff(c),
+                        f"{c['wins']} / {c['losses']} / {c['diff']['n']}"] for c in pooled]), ""]
     return "\n".join(lines)
 
 
@@ -344,7 +365,8 @@ def format_markdown(summary: dict) -> str:
 
 def choose_lrs(records: list[dict]) -> dict:
     """Per (model, policy): the grid rate with the best validation accuracy, averaged over
-    data sets (and seeds); ties go to the smaller rate."""
+    data sets (and seeds); ties go to the smaller rate. Reads only the config, settings,
+    data and final parts of the record dicts (so partial records do)."""
     table: dict[tuple, dict[float, list[float]]] = {}
     per_data: dict[tuple, dict] = {}
     for r in records:
@@ -443,41 +465,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write(path: str, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
+def _summarize(args) -> int:
+    """The summarize command: Markdown tables, the summary JSON and one line per run."""
+    records = load_records(Path(args.root))
+    if not records:
+        print(f"{PROG}: error: no complete run records under {args.root}", file=sys.stderr)
+        return 1
+    summary = summarize_records(records)
+    summary["source"] = str(args.root)
+    text = format_markdown(summary)
+    if args.json:
+        _write(args.json, json.dumps(summary, indent=1) + "\n")
+    if args.runs_jsonl:
+        _write(args.runs_jsonl, "".join(json.dumps(compact_record(r), sort_keys=True) + "\n"
+                                        for r in records))
+    if args.markdown:
+        _write(args.markdown, text + "\n")
+    else:
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = f"{PROG} " + shlex.join(argv)
     if args.command == "summarize":
-        records = load_records(Path(args.root))
-        if not records:
-            print(f"{PROG}: error: no complete run records under {args.root}", file=sys.stderr)
-            return 1
-        summary = summarize_records(records)
-        summary["source"] = str(args.root)
-        text = format_markdown(summary)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
-        if args.runs_jsonl:
-            Path(args.runs_jsonl).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.runs_jsonl).write_text("".join(
-                json.dumps(compact_record(r), sort_keys=True) + "\n" for r in records))
-        if args.markdown:
-            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.markdown).write_text(text + "\n")
-        else:
-            print(text)
-        return 0
-
+        return _summarize(args)
     progress.set_quiet(args.quiet)
-    from .train import UsageError, check_data_name, resolve, RunConfig
-    try:
-        for data in args.data:
-            check_data_name(data)
+    from .config import RunConfig, UsageError, resolve
+    try:       # every (model, data, budget) through the runs' own check, before the first run
         budgets = args.budgets if args.command == "sweep" else [args.budget]
         for model in args.models:
-            for budget in budgets:
-                resolve(RunConfig(model=model, budget=budget, preset=args.preset))
+            for data in args.data:
+                for budget in budgets:
+                    resolve(RunConfig(model=model, data=data, budget=budget, preset=args.preset))
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

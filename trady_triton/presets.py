@@ -1,6 +1,6 @@
 """Training presets and budget levels of the fine-tuning command.
 
-``paper``: the TraDy paper's protocol (TRADY.md section 6): SGD without momentum or weight
+``paper``: the TraDy paper's protocol (docs/METHOD.md section 6): SGD without momentum or weight
 decay, lr 0.125, 5 warm-up epochs then cosine decay to 0, batch 32, 128x128 inputs, 50
 epochs (the paper uses 50-200 by data set), the whole train and test splits.
 
@@ -8,7 +8,7 @@ epochs (the paper uses 50-200 by data set), the whole train and test splits.
 of 640 training and 1,000 test images, 5 epochs of which 1 warm-up, batch 32. (Not 32x32:
 there EfficientNet-Lite0's last feature map is 1x1 and its pooled features collapse to
 about 0: a linear probe on them is at chance on digits; at 40x40 it reaches 93 %.) The paper's
-lr 0.125 diverges on these backbones (TRADY.md section 6), so each (backbone, policy) gets
+lr 0.125 diverges on these backbones (docs/METHOD.md section 6), so each (backbone, policy) gets
 its own learning rate, chosen on a validation split held out of the training split (never
 on the test split): see :data:`FAST_LRS` and docs/EXPERIMENTS.md for the command that chose
 them.
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 BUDGET_LEVELS = ("small", "medium", "large")
 
-# the paper's absolute budgets (memory units per sample at 128x128), TRADY.md section 4
+# the paper's absolute budgets (memory units per sample at 128x128), docs/METHOD.md section 4
 PAPER_BUDGET_UNITS = {
     "mcunet-in1": (15_936, 64_832, 112_640),
     "mbv2-w0.35": (27_946, 66_592, 93_696),

@@ -1,4 +1,4 @@
-"""Reweighted gradient norm (RGN) and the a-priori layer ranking (TRADY.md section 2).
+"""Reweighted gradient norm (RGN) and the a-priori layer ranking (docs/METHOD.md section 2).
 
     channel RGN  RGN_c = ||dL/dW[:, c]||_2 / (CW_c + CA_c)        (Eq. 7)
     layer RGN    RGN_i = sum over c of RGN_c                         (Eq. 8)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from . import cost as C
+from .tables import mib, text_table
 
 
 def _mib(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.3f} MiB"
+    return f"{mib(nbytes, 3)} MiB"
 
 
 def format_report(controller, batch: int, measured_bytes: int | None = None) -> str:
@@ -21,9 +22,7 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         name = layer.name + (" (classifier)" if layer.is_classifier else "")
         rows.append((name, layer.shape_str(), f"{k}/{layer.in_channels}", str(units), str(saved),
                      f"{flops:.4f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows[0], rows[1:], align="l").split("\n")
 
     stats = controller.stats()
     analytic = controller.saved_bytes(batch)

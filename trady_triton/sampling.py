@@ -1,4 +1,4 @@
-"""Budget-filling channel draws (TRADY.md section 3 and 5).
+"""Budget-filling channel draws (docs/METHOD.md section 3 and 5).
 
 Every policy is "walk a sequence of candidate channels, keep a channel when it
 still fits the budget". The policies differ only in the candidate pool (the

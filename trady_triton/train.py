@@ -14,11 +14,15 @@ the JSON record and a checkpoint (model, optimizer, controller state, epoch, RNG
 loadable with ``torch.load(weights_only=True)``) are written, so Ctrl-C leaves a complete
 record of the finished epochs and ``resume=True`` continues from the last one with the
 same channel draws (draws depend only on ``(seed, epoch)``; DetRGN scores are checkpointed).
+
+Stages, one job each: ``prepare_run`` (data, backbone, memory probe, ranking, convert,
+optimizer, LambdaLR, a fresh ``RunRecord``), ``restore`` (resume), ``run_epoch`` (score,
+draw, train, evaluate: one ``EpochRecord``), ``persist_epoch`` / ``persist_final`` (files).
+Options and their checks are in config.py, the record types in records.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -27,185 +31,35 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import cost as C
 from .api import convert
+from .config import (DATA_FORMS, RunConfig, Settings, UsageError, auto_run_name,  # noqa: F401
+                     check_data_name, resolve)
 from .measure import saved_tensor_bytes
-from .presets import (BUDGETLESS_POLICIES, DEFAULT_PRESET, budget_for_level, get_preset,
-                      parse_budget)
+from .presets import get_preset
 from .progress import progress_bar
 from .ranking import LayerRanking, load_ranking, shipped_rankings_path
+from .records import (RECORD_FORMAT, RECORD_VERSION, DataFacts, EpochRecord,  # noqa: F401
+                      MemoryFacts, ModelFacts, RunRecord, RunSummary, summarize)
 from .sampling import get_policy
+from .tables import mib, pct, text_table
 
-RECORD_FORMAT = "trady-finetune-record"
-RECORD_VERSION = 1
 CHECKPOINT_FORMAT = "trady-finetune-checkpoint"
 RECORD_FILE = "record.json"
 TABLE_FILE = "table.txt"
 CHECKPOINT_FILE = "checkpoint.pt"
 
-DATA_FORMS = ("digits", "fashion-mnist", "mnist", "imagefolder:PATH", "torchvision:NAME:ROOT")
-
 # config fields that may differ between a run and its resumption
 _RESUME_FREE = ("threads", "quiet", "max_epochs_this_call")
-
-
-@dataclass
-class RunConfig:
-    """What to run. ``None`` fields take the preset's value."""
-
-    model: str = "efficientnet-lite0"
-    data: str = "digits"
-    policy: str = "d-topk"
-    budget: str = "small"          # small|medium|large, a keep ratio, "5%", or "15936u"
-    seed: int = 0
-    preset: str = DEFAULT_PRESET
-    weights: str | None = None
-    epochs: int | None = None
-    warmup_epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    resolution: int | None = None
-    train_subset: int | None = None     # 0 = the whole split
-    test_subset: int | None = None      # 0 = the whole split
-    val_subset: int | None = None
-    eval_on: str = "test"               # "test", or "val": a split held out of the train split
-    data_seed: int = 0                  # which subset of the data (fixed across run seeds)
-    score_batches: int | None = None
-    ranking: str | None = None          # None: shipped ranking; "none": no ranking; a path
-    coverage: float = 0.97
-    max_batches: int | None = None      # cap on batches per epoch (smoke tests)
-    threads: int | None = None
-    max_epochs_this_call: int | None = None   # stop after this many epochs (then --resume)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Settings:
-    """A RunConfig with every preset default filled in."""
-
-    preset: str
-    resolution: int
-    epochs: int
-    warmup_epochs: int
-    batch_size: int
-    lr: float
-    lr_source: str
-    momentum: float
-    weight_decay: float
-    train_subset: int | None
-    test_subset: int | None
-    val_subset: int
-    score_batches: int
-    budget: dict = field(default_factory=dict)   # keep_ratio / budget_units, or {} (none)
-    budget_text: str = ""
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class UsageError(ValueError):
-    """A bad option value (policy, data set, budget, preset ...): the message says what is allowed."""
-
-
-# ------------------------------------------------------------------------- configuration
-
-def check_data_name(name: str) -> None:
-    if name in ("digits", "fashion-mnist", "mnist"):
-        return
-    if name.startswith("imagefolder:") and len(name) > len("imagefolder:"):
-        return
-    if name.startswith("torchvision:") and len(name.split(":", 2)) == 3 and all(name.split(":", 2)):
-        return
-    raise UsageError(f"unknown data set {name!r}; allowed values: {', '.join(DATA_FORMS)}")
-
-
-def resolve(config: RunConfig) -> Settings:
-    """Fill the preset's defaults in and check every value; raises UsageError."""
-    from .models import MODEL_NAMES
-
-    try:
-        preset = get_preset(config.preset)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    try:
-        policy = get_policy(config.policy).name
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    if config.model not in MODEL_NAMES:
-        raise UsageError(f"unknown model {config.model!r}; allowed values: {', '.join(MODEL_NAMES)}")
-    check_data_name(config.data)
-    if config.eval_on not in ("test", "val"):
-        raise UsageError(f"eval_on={config.eval_on!r}: allowed values are test, val")
-
-    def pick(value, default):
-        return default if value is None else value
-
-    resolution = int(pick(config.resolution, preset.resolution))
-    epochs = int(pick(config.epochs, preset.epochs))
-    warmup = int(pick(config.warmup_epochs, preset.warmup_epochs))
-    batch = int(pick(config.batch_size, preset.batch_size))
-    for name, value, low in (("resolution", resolution, 8), ("epochs", epochs, 1),
-                             ("warmup_epochs", warmup, 0), ("batch_size", batch, 1)):
-        if value < low:
-            raise UsageError(f"{name}={value}: allowed values are integers >= {low}")
-    if warmup >= epochs and epochs > 1:
-        raise UsageError(f"warmup_epochs={warmup}: allowed values are < epochs ({epochs})")
-    if config.lr is not None:
-        if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
-            raise UsageError(f"lr={config.lr!r}: allowed values are numbers > 0")
-        lr, lr_source = float(config.lr), "given (--lr)"
-    else:
-        lr, lr_source = preset.lr_for(config.model, policy)
-    if not 0.0 < config.coverage <= 1.0:
-        raise UsageError(f"coverage={config.coverage!r}: allowed values are in (0, 1]")
-
-    def subset(value, default):
-        value = pick(value, default)
-        if value is None or value == 0:
-            return None
-        if value < 0:
-            raise UsageError(f"subset={value}: allowed values are integers >= 1, or 0 for all")
-        return int(value)
-
-    train_subset = subset(config.train_subset, preset.train_subset)
-    test_subset = subset(config.test_subset, preset.test_subset)
-    val_subset = int(pick(config.val_subset, preset.val_subset) or 0)
-    if config.eval_on == "val" and val_subset <= 0:
-        val_subset = 320
-    score_batches = int(pick(config.score_batches, preset.score_batches))
-    if score_batches < 1:
-        raise UsageError(f"score_batches={score_batches}: allowed values are integers >= 1")
-
-    budget: dict = {}
-    if policy not in BUDGETLESS_POLICIES:
-        try:
-            parsed = parse_budget(config.budget)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        budget = budget_for_level(parsed["level"], config.model, resolution) \
-            if "level" in parsed else parsed
-    return Settings(preset=preset.name, resolution=resolution, epochs=epochs,
-                    warmup_epochs=warmup, batch_size=batch, lr=lr, lr_source=lr_source,
-                    momentum=preset.momentum, weight_decay=preset.weight_decay,
-                    train_subset=train_subset, test_subset=test_subset, val_subset=val_subset,
-                    score_batches=score_batches, budget=budget,
-                    budget_text=str(config.budget) if budget else "none")
-
-
-def auto_run_name(config: RunConfig) -> str:
-    budget = "nobudget" if get_policy(config.policy).name in BUDGETLESS_POLICIES else config.budget
-    data = config.data.replace(":", "_").replace("/", "_")
-    return f"{config.model}_{data}_{get_policy(config.policy).name}_{budget}_s{config.seed}"
 
 
 # ------------------------------------------------------------------------- data and model
@@ -252,6 +106,35 @@ def build_backbone(config: RunConfig, num_classes: int) -> nn.Module:
     return model.eval()
 
 
+@dataclass
+class RunData:
+    """The tensors of one run, normalised as its backbone expects."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    num_classes: int
+    eval_split: str
+    mean: tuple
+    std: tuple
+    load_s: float
+
+
+def load_backbone_and_data(config: RunConfig, settings: Settings) -> tuple[nn.Module, RunData]:
+    """The backbone with a fresh classifier and the data, normalised with its preprocessing
+    (the data are loaded once more when the backbone's mean/std differ from [-1, 1]'s)."""
+    t0 = time.perf_counter()
+    mean = std = (0.5, 0.5, 0.5)
+    loaded = load_data(config, settings)
+    model = build_backbone(config, loaded[4])
+    pre = getattr(model, "preprocess", None)
+    if pre is not None and (tuple(pre.mean) != mean or tuple(pre.std) != std):
+        mean, std = tuple(pre.mean), tuple(pre.std)
+        loaded = load_data(config, settings, mean, std)
+    return model, RunData(*loaded, mean=mean, std=std, load_s=time.perf_counter() - t0)
+
+
 def ranking_key(arch: str, resolution: int) -> list[str]:
     """Keys tried in a rankings file: ``arch@resolution`` first, then ``arch``."""
     return [f"{arch}@{resolution}", arch]
@@ -290,6 +173,13 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     span = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                  warmup_steps: int) -> LambdaLR:
+    """The schedule of :func:`lr_at` as a LambdaLR over the optimizer's base rates (one
+    ``step()`` per batch)."""
+    return LambdaLR(optimizer, lambda step: lr_at(step, total_steps, warmup_steps, 1.0))
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -336,17 +226,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def train_one_epoch(model: nn.Module, controller, optimizer: torch.optim.Optimizer,
                     images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
-                    lr_of_step: Callable[[int], float], first_step: int,
-                    desc: str = "train") -> dict:
-    """One epoch of SGD over ``batches``; measures saved bytes on the first batch."""
+                    scheduler: LambdaLR, desc: str = "train") -> dict:
+    """One epoch of SGD over ``batches`` (one scheduler step per batch); measures saved
+    bytes on the first batch."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     measured = analytic = None
-    step = first_step
     for index, batch in enumerate(progress_bar(batches, desc=desc, total=len(batches))):
         x, y = images[batch].contiguous(), labels[batch]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_of_step(step)
         optimizer.zero_grad(set_to_none=True)
         if index == 0:
             with saved_tensor_bytes(model) as saved:
@@ -359,10 +246,10 @@ def train_one_epoch(model: nn.Module, controller, optimizer: torch.optim.Optimiz
         if loss.requires_grad:
             loss.backward()
             optimizer.step()
+        scheduler.step()
         loss_sum += float(loss.detach()) * len(x)
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += len(x)
-        step += 1
     return {"loss": _finite(loss_sum / max(seen, 1)), "accuracy": correct / max(seen, 1),
             "samples": seen, "steps": len(batches), "measured_bytes": measured,
             "analytic_bytes": analytic, "measured_batch": len(batches[0]) if batches else 0}
@@ -415,9 +302,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_record(record: dict, out_dir: Path) -> None:
+def write_record(record: RunRecord | dict, out_dir: Path) -> None:
+    record = RunRecord.coerce(record)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / RECORD_FILE, json.dumps(record, indent=1) + "\n")
+    _write_atomic(out_dir / RECORD_FILE, json.dumps(record.to_dict(), indent=1) + "\n")
     _write_atomic(out_dir / TABLE_FILE, format_record(record) + "\n")
 
 
@@ -461,6 +349,258 @@ def _environment(threads: int) -> dict:
             "cpu_count": os.cpu_count(), "device": "cpu"}
 
 
+@dataclass
+class Run:
+    """What one run holds while it trains: its options, data, model, optimizer and record."""
+
+    config: RunConfig
+    settings: Settings
+    data: RunData
+    model: nn.Module
+    controller: object
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    steps_per_epoch: int
+    record: RunRecord
+    out: Path | None
+    log: Callable[[str], None]
+    started: float
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out is None else self.out / CHECKPOINT_FILE
+
+    def lr_of_step(self, step: int) -> float:
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
+
+
+def _resume_checkpoint(out: Path | None, config: RunConfig) -> dict:
+    """The checkpoint to resume from; UsageError when absent or made with other options."""
+    path = None if out is None else out / CHECKPOINT_FILE
+    if path is None or not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}; run without "
+                         "--resume first (same --out)")
+    checkpoint = load_checkpoint(path)
+    saved = json.loads(checkpoint["config_json"])
+    now = _comparable(config.as_dict())
+    if _comparable(saved) != now:
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        raise UsageError(f"--resume: the checkpoint in {out} was made with other settings "
+                         f"(option: (checkpoint, now)) {diff}; resume with the same options")
+    return checkpoint
+
+
+def _set_threads(config: RunConfig, settings: Settings) -> int:
+    # the fast preset runs on 1 thread: its 40x40 maps gain little from more, and on a shared
+    # CPU an oversubscribed OpenMP pool was 5x slower (docs/EXPERIMENTS.md)
+    threads = config.threads or get_preset(settings.preset).threads
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _convert(model: nn.Module, config: RunConfig, settings: Settings, example: torch.Tensor,
+             ranking: LayerRanking | None):
+    """convert() with the run's policy, budget and ranking; its ValueErrors are usage errors."""
+    # arch "<model>@no-ranking" keeps convert() from picking a shipped ranking by itself
+    try:
+        return convert(model, policy=get_policy(config.policy).name, example_input=example,
+                       ranking=ranking, coverage=config.coverage, seed=config.seed,
+                       arch=config.model if ranking is not None
+                       else f"{config.model}@no-ranking", **settings.budget)
+    except ValueError as error:     # a budget below the cheapest channel, a bad ranking ...
+        raise UsageError(str(error)) from None
+
+
+def _optimizer(model: nn.Module, controller, settings: Settings) -> torch.optim.Optimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    if settings.momentum or settings.weight_decay:
+        # momentum and weight decay would move unselected channels: mask the step
+        controller.mask_optimizer(optimizer)
+    return optimizer
+
+
+def _model_facts(config: RunConfig, controller, ranking, ranking_info: dict,
+                 num_classes: int) -> ModelFacts:
+    policy = get_policy(config.policy)
+    body = [l for l in controller.layers if not l.is_classifier]
+    full_units = C.full_units(controller.layers)
+    budget = controller.budget_units
+    return ModelFacts(
+        name=config.model, weights=config.weights, num_classes=num_classes,
+        convertible_layers=len(body), full_units=full_units, budget_units=budget,
+        budget_fraction=None if budget is None else budget / full_units,
+        pool_layers=len(controller.pool) if policy.pool == "topk" else
+        (len(body) if policy.pool in ("all", "full") else 0),
+        ranking={**ranking_info, "coverage": config.coverage,
+                 "top_k": len(ranking.top_k(config.coverage)) if ranking else None})
+
+
+def _data_facts(config: RunConfig, settings: Settings, data: RunData) -> DataFacts:
+    return DataFacts(name=config.data, resolution=settings.resolution,
+                     train_size=len(data.train_x), eval_split=data.eval_split,
+                     eval_size=len(data.eval_x), num_classes=data.num_classes,
+                     mean=list(data.mean), std=list(data.std), data_seed=config.data_seed,
+                     load_s=round(data.load_s, 3))
+
+
+def prepare_run(config: RunConfig, settings: Settings, out: Path | None, threads: int,
+                command: str | None, log: Callable[[str], None], started: float) -> Run:
+    """Stage 1: data, backbone, memory probe, ranking, convert, optimizer, a fresh record."""
+    from .models import build_model  # noqa: F401  (fail early with the install hint)
+    model, data = load_backbone_and_data(config, settings)
+    if len(data.train_x) == 0 or len(data.eval_x) == 0:
+        raise UsageError(f"data set {config.data!r} gave {len(data.train_x)} training and "
+                         f"{len(data.eval_x)} evaluation images: need at least one of each")
+    batch = settings.batch_size
+    example = data.train_x[epoch_batches(len(data.train_x), batch, config.seed, 0)[0]].contiguous()
+    plain_full_bytes = measure_plain_full_finetune(model, example)
+    ranking, ranking_info = find_ranking(config.model, settings.resolution, config.ranking)
+    controller = _convert(model, config, settings, example, ranking)
+    model.train()
+    optimizer = _optimizer(model, controller, settings)
+    steps = len(epoch_batches(len(data.train_x), batch, config.seed, 0,
+                              max_batches=config.max_batches))
+    scheduler = warmup_cosine(optimizer, steps * settings.epochs, steps * settings.warmup_epochs)
+    record = RunRecord(
+        status="running", command=command, config=config, settings=settings,
+        model=_model_facts(config, controller, ranking, ranking_info, data.num_classes),
+        data=_data_facts(config, settings, data),
+        memory=MemoryFacts(batch=len(example), plain_full_finetune_measured_bytes=plain_full_bytes,
+                           trady_full_analytic_bytes=full_analytic_bytes(controller,
+                                                                         len(example))),
+        environment=_environment(threads))
+    return Run(config, settings, data, model, controller, optimizer, scheduler, steps, record,
+               out, log, started)
+
+
+def restore(run: Run, checkpoint: dict) -> int:
+    """Stage 2 (resume): model, optimizer, schedule, controller, RNGs and the finished
+    epochs from a checkpoint; returns the first epoch still to run."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.controller.load_state_dict(checkpoint["controller"])
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python_version"], tuple(rng["python"]), rng["python_gauss"]))
+    previous = RunRecord.from_dict(json.loads(checkpoint["record_json"]))
+    start_epoch = int(checkpoint["epoch"]) + 1
+    for group in run.optimizer.param_groups:     # checkpoints from before the LambdaLR
+        group.setdefault("initial_lr", run.settings.lr)
+    run.scheduler = LambdaLR(run.optimizer, run.scheduler.lr_lambdas[0],
+                             last_epoch=start_epoch * run.steps_per_epoch - 1)
+    run.record.epochs = previous.epochs
+    run.record.resumed_from_epoch = int(checkpoint["epoch"])
+    run.record.previous_wall_s = previous.total_wall_s
+    run.log(f"resuming {run.out} after epoch {start_epoch} of {run.settings.epochs}")
+    return start_epoch
+
+
+def _score_channels(run: Run, epoch: int) -> float:
+    """DetRGN scoring on a few full-gradient batches when the policy needs it; seconds spent."""
+    policy = get_policy(run.config.policy)
+    if not policy.needs_scores or not (policy.dynamic or run.controller.channel_scores is None):
+        return 0.0
+    data = run.data
+    batches = epoch_batches(len(data.train_x), run.settings.batch_size, run.config.seed, epoch,
+                            salt=1, max_batches=run.settings.score_batches)
+    tick = time.perf_counter()
+    run.controller.score_channels([(data.train_x[b].contiguous(), data.train_y[b])
+                                   for b in batches])
+    return time.perf_counter() - tick
+
+
+def _epoch_record(run: Run, epoch: int, selection: dict, trained: dict, evaluated: dict,
+                  seconds: dict) -> EpochRecord:
+    stats, counts = run.controller.stats(), run.controller.counts()
+    body = {k: v for k, v in counts.items() if k != run.controller.classifier}
+    analytic = trained["analytic_bytes"] or {}
+    first = epoch * run.steps_per_epoch
+    return EpochRecord(
+        epoch=epoch, lr_start=run.lr_of_step(first),
+        lr_end=run.lr_of_step(first + run.steps_per_epoch - 1),
+        train_loss=trained["loss"], train_accuracy=trained["accuracy"],
+        eval_loss=evaluated["loss"], eval_accuracy=evaluated["accuracy"],
+        eval_split=run.data.eval_split, channels_drawn=sum(body.values()),
+        layers_trained=sum(1 for v in body.values() if v), channels_per_layer=body,
+        draw_digest=draw_digest(selection), selected_units=stats.selected_units,
+        budget_units=stats.budget_units, weight_sparsity=stats.weight_sparsity,
+        activation_sparsity=stats.activation_sparsity,
+        weight_grad_flops_saved=stats.flops_saved,
+        saved_bytes_measured=trained["measured_bytes"], saved_bytes_model=analytic,
+        saved_bytes_batch=trained["measured_batch"],
+        saved_bytes_match=trained["measured_bytes"] == analytic.get("total"),
+        train_samples=trained["samples"], train_steps=trained["steps"],
+        **{k: round(v, 3) for k, v in seconds.items()})
+
+
+def run_epoch(run: Run, epoch: int) -> EpochRecord:
+    """Stage 3: score (DetRGN), draw the epoch's channels, train one epoch, evaluate."""
+    tick = time.perf_counter()
+    score_s = _score_channels(run, epoch)
+    selection = run.controller.resample(epoch)
+    data, settings = run.data, run.settings
+    batches = epoch_batches(len(data.train_x), settings.batch_size, run.config.seed, epoch,
+                            max_batches=run.config.max_batches)
+    t_train = time.perf_counter()
+    trained = train_one_epoch(run.model, run.controller, run.optimizer, data.train_x,
+                              data.train_y, batches, run.scheduler,
+                              desc=f"epoch {epoch + 1}/{settings.epochs}")
+    train_s = time.perf_counter() - t_train
+    t_eval = time.perf_counter()
+    evaluated = evaluate(run.model, data.eval_x, data.eval_y, desc=f"eval {data.eval_split}")
+    eval_s = time.perf_counter() - t_eval
+    return _epoch_record(run, epoch, selection, trained, evaluated,
+                         {"score_s": score_s, "train_s": train_s, "eval_s": eval_s,
+                          "wall_s": time.perf_counter() - tick})
+
+
+def persist_epoch(run: Run, epoch: int, keep_checkpoint: bool) -> None:
+    """Stage 4 (each epoch): the checkpoint (unless it is the last epoch's and not kept) and
+    the record, so that Ctrl-C or a crash leaves every finished epoch on disk."""
+    if run.out is None:
+        return
+    run.out.mkdir(parents=True, exist_ok=True)
+    if keep_checkpoint or epoch + 1 < run.settings.epochs:
+        save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.controller, epoch,
+                        run.config, run.record.to_dict())
+    write_record(run.record, run.out)
+
+
+def persist_final(run: Run, keep_checkpoint: bool = True) -> None:
+    """Stage 4 (the end): wall time and final figures into the record, on disk."""
+    run.record.wall_s = run.elapsed()
+    run.record.final = summarize(run.record)
+    if run.out is None:
+        return
+    write_record(run.record, run.out)
+    path = run.checkpoint_path
+    if not keep_checkpoint and run.record.status == "complete" and path.exists():
+        path.unlink()
+
+
+def run_epochs(run: Run, start_epoch: int, keep_checkpoint: bool,
+               on_epoch_end: Callable[[dict], None] | None) -> None:
+    """Epochs ``start_epoch..`` until done or ``max_epochs_this_call`` have run."""
+    limit = run.config.max_epochs_this_call
+    for count, epoch in enumerate(range(start_epoch, run.settings.epochs)):
+        if limit is not None and count >= limit:
+            run.record.status = "stopped"
+            return
+        entry = run_epoch(run, epoch)
+        run.record.epochs.append(entry)
+        run.record.wall_s = run.elapsed()
+        run.log(format_epoch_line(entry, run.settings.epochs))
+        persist_epoch(run, epoch, keep_checkpoint)
+        if on_epoch_end is not None:
+            on_epoch_end(entry.to_dict())
+    run.record.status = "complete"
+
+
 def finetune(config: RunConfig, out_dir: str | Path | None = None, *, resume: bool = False,
              log: Callable[[str], None] | None = None, command: str | None = None,
              on_epoch_end: Callable[[dict], None] | None = None,
@@ -471,314 +611,95 @@ def finetune(config: RunConfig, out_dir: str | Path | None = None, *, resume: bo
     run after writing the record of the finished epochs (status "interrupted") and is
     re-raised. ``on_epoch_end(epoch_entry)`` is called after each finished epoch.
     """
-    log = log or (lambda message: None)
     started = time.perf_counter()
     settings = resolve(config)
-    policy = get_policy(config.policy)
     out = Path(out_dir) if out_dir is not None else None
-    checkpoint_path = out / CHECKPOINT_FILE if out is not None else None
-    checkpoint = None
-    if resume:
-        if checkpoint_path is None or not checkpoint_path.is_file():
-            raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; run without "
-                             "--resume first (same --out)")
-        checkpoint = load_checkpoint(checkpoint_path)
-        saved_config = json.loads(checkpoint["config_json"])
-        if _comparable(saved_config) != _comparable(config.as_dict()):
-            diff = {k: (saved_config.get(k), v) for k, v in _comparable(config.as_dict()).items()
-                    if saved_config.get(k) != v}
-            raise UsageError(f"--resume: the checkpoint in {out} was made with other settings "
-                             f"(option: (checkpoint, now)) {diff}; resume with the same options")
-    # the fast preset runs on 1 thread: its 40x40 maps gain little from more, and on a shared
-    # CPU an oversubscribed OpenMP pool was 5x slower (docs/EXPERIMENTS.md)
-    threads = config.threads or get_preset(settings.preset).threads
-    if threads:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
-
-    # data and model
-    from .models import build_model  # noqa: F401  (fail early with the install hint)
-    t0 = time.perf_counter()
-    mean = std = (0.5, 0.5, 0.5)
-    train_x, train_y, eval_x, eval_y, num_classes, eval_split = load_data(config, settings)
-    model = build_backbone(config, num_classes)
-    pre = getattr(model, "preprocess", None)
-    if pre is not None and (tuple(pre.mean) != mean or tuple(pre.std) != std):
-        mean, std = tuple(pre.mean), tuple(pre.std)
-        train_x, train_y, eval_x, eval_y, num_classes, eval_split = load_data(
-            config, settings, mean, std)
-    if len(train_x) == 0 or len(eval_x) == 0:
-        raise UsageError(f"data set {config.data!r} gave {len(train_x)} training and "
-                         f"{len(eval_x)} evaluation images: need at least one of each")
-    load_s = time.perf_counter() - t0
-    batch = settings.batch_size
-    first = epoch_batches(len(train_x), batch, config.seed, 0)[0]
-    example = train_x[first].contiguous()
-
-    plain_full_bytes = measure_plain_full_finetune(model, example)
-
-    ranking, ranking_info = find_ranking(config.model, settings.resolution, config.ranking)
-    # arch "<model>@no-ranking" keeps convert() from picking a shipped ranking by itself
+    checkpoint = _resume_checkpoint(out, config) if resume else None
+    threads = _set_threads(config, settings)
+    run = prepare_run(config, settings, out, threads, command, log or (lambda message: None),
+                      started)
+    start_epoch = restore(run, checkpoint) if checkpoint is not None else 0
     try:
-        controller = convert(model, policy=policy.name, example_input=example, ranking=ranking,
-                             coverage=config.coverage, seed=config.seed,
-                             arch=config.model if ranking is not None
-                             else f"{config.model}@no-ranking", **settings.budget)
-    except ValueError as error:     # a budget below the cheapest channel, a bad ranking ...
-        raise UsageError(str(error)) from None
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    if settings.momentum or settings.weight_decay:
-        # momentum and weight decay would move unselected channels: mask the step
-        controller.mask_optimizer(optimizer)
-
-    body = [l for l in controller.layers if not l.is_classifier]
-    full_units = C.full_units(controller.layers)
-    record = {
-        "format": RECORD_FORMAT, "version": RECORD_VERSION, "status": "running",
-        "command": command,
-        "config": config.as_dict(),
-        "settings": settings.as_dict(),
-        "model": {
-            "name": config.model, "weights": config.weights, "num_classes": num_classes,
-            "convertible_layers": len(body), "full_units": full_units,
-            "budget_units": controller.budget_units,
-            "budget_fraction": None if controller.budget_units is None
-            else controller.budget_units / full_units,
-            "pool_layers": len(controller.pool) if policy.pool == "topk" else
-            (len(body) if policy.pool in ("all", "full") else 0),
-            "ranking": {**ranking_info, "coverage": config.coverage,
-                        "top_k": len(ranking.top_k(config.coverage)) if ranking else None},
-        },
-        "data": {"name": config.data, "resolution": settings.resolution,
-                 "train_size": len(train_x), "eval_split": eval_split,
-                 "eval_size": len(eval_x), "num_classes": num_classes,
-                 "mean": list(mean), "std": list(std), "data_seed": config.data_seed,
-                 "load_s": round(load_s, 3)},
-        "memory": {"batch": len(example), "plain_full_finetune_measured_bytes": plain_full_bytes,
-                   "trady_full_analytic_bytes": full_analytic_bytes(controller, len(example))},
-        "environment": _environment(threads),
-        "epochs": [],
-        "final": None,
-    }
-    start_epoch = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        controller.load_state_dict(checkpoint["controller"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        random.setstate((checkpoint["rng"]["python_version"], tuple(checkpoint["rng"]["python"]),
-                         checkpoint["rng"]["python_gauss"]))
-        previous = json.loads(checkpoint["record_json"])
-        record["epochs"] = previous["epochs"]
-        record["resumed_from_epoch"] = int(checkpoint["epoch"])
-        record["previous_wall_s"] = previous.get("wall_s", 0.0) + previous.get("previous_wall_s", 0.0)
-        start_epoch = int(checkpoint["epoch"]) + 1
-        log(f"resuming {out} after epoch {start_epoch} of {settings.epochs}")
-
-    steps_per_epoch = len(epoch_batches(len(train_x), batch, config.seed, 0,
-                                        max_batches=config.max_batches))
-    total_steps = steps_per_epoch * settings.epochs
-    warmup_steps = steps_per_epoch * settings.warmup_epochs
-
-    def lr_of_step(step: int) -> float:
-        return lr_at(step, total_steps, warmup_steps, settings.lr)
-
-    epochs_run = 0
-    try:
-        for epoch in range(start_epoch, settings.epochs):
-            if config.max_epochs_this_call is not None and epochs_run >= config.max_epochs_this_call:
-                record["status"] = "stopped"
-                break
-            tick = time.perf_counter()
-            score_s = 0.0
-            if policy.needs_scores and (policy.dynamic or controller.channel_scores is None):
-                score = epoch_batches(len(train_x), batch, config.seed, epoch, salt=1,
-                                      max_batches=settings.score_batches)
-                t_score = time.perf_counter()
-                controller.score_channels(
-                    [(train_x[b].contiguous(), train_y[b]) for b in score])
-                score_s = time.perf_counter() - t_score
-            selection = controller.resample(epoch)
-            batches = epoch_batches(len(train_x), batch, config.seed, epoch,
-                                    max_batches=config.max_batches)
-            t_train = time.perf_counter()
-            trained = train_one_epoch(
-                model, controller, optimizer, train_x, train_y, batches, lr_of_step,
-                epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}")
-            train_s = time.perf_counter() - t_train
-            t_eval = time.perf_counter()
-            evaluated = evaluate(model, eval_x, eval_y, desc=f"eval {eval_split}")
-            eval_s = time.perf_counter() - t_eval
-            stats = controller.stats()
-            counts = controller.counts()
-            analytic = trained["analytic_bytes"] or {}
-            entry = {
-                "epoch": epoch,
-                "lr_start": lr_of_step(epoch * steps_per_epoch),
-                "lr_end": lr_of_step((epoch + 1) * steps_per_epoch - 1),
-                "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
-                "eval_loss": evaluated["loss"], "eval_accuracy": evaluated["accuracy"],
-                "eval_split": eval_split,
-                "channels_drawn": sum(v for k, v in counts.items() if k != controller.classifier),
-                "layers_trained": sum(1 for k, v in counts.items()
-                                      if v and k != controller.classifier),
-                "channels_per_layer": {k: v for k, v in counts.items()
-                                       if k != controller.classifier},
-                "draw_digest": draw_digest(selection),
-                "selected_units": stats.selected_units,
-                "budget_units": stats.budget_units,
-                "weight_sparsity": stats.weight_sparsity,
-                "activation_sparsity": stats.activation_sparsity,
-                "weight_grad_flops_saved": stats.flops_saved,
-                "saved_bytes_measured": trained["measured_bytes"],
-                "saved_bytes_model": analytic,
-                "saved_bytes_batch": trained["measured_batch"],
-                "saved_bytes_match": trained["measured_bytes"] == analytic.get("total"),
-                "train_samples": trained["samples"], "train_steps": trained["steps"],
-                "score_s": round(score_s, 3), "train_s": round(train_s, 3),
-                "eval_s": round(eval_s, 3), "wall_s": round(time.perf_counter() - tick, 3),
-            }
-            record["epochs"].append(entry)
-            record["wall_s"] = round(time.perf_counter() - started, 3)
-            log(format_epoch_line(entry, settings.epochs))
-            epochs_run += 1
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                if keep_checkpoint or epoch + 1 < settings.epochs:
-                    save_checkpoint(checkpoint_path, model, optimizer, controller, epoch,
-                                    config, record)
-                write_record(record, out)
-            if on_epoch_end is not None:
-                on_epoch_end(entry)
-        else:
-            record["status"] = "complete"
+        run_epochs(run, start_epoch, keep_checkpoint, on_epoch_end)
     except KeyboardInterrupt:
-        record["status"] = "interrupted"
-        record["wall_s"] = round(time.perf_counter() - started, 3)
-        record["final"] = summarize(record)
-        if out is not None:
-            write_record(record, out)
+        run.record.status = "interrupted"
+        persist_final(run)
         raise
-    record["wall_s"] = round(time.perf_counter() - started, 3)
-    record["final"] = summarize(record)
-    if out is not None:
-        write_record(record, out)
-        if not keep_checkpoint and record["status"] == "complete" and checkpoint_path.exists():
-            checkpoint_path.unlink()
-    return record
-
-
-def summarize(record: dict) -> dict | None:
-    epochs = record["epochs"]
-    if not epochs:
-        return {"epochs_done": 0}
-    last = epochs[-1]
-    accs = [e["eval_accuracy"] for e in epochs]
-    wall = record.get("wall_s", 0.0) + record.get("previous_wall_s", 0.0)
-    return {
-        "epochs_done": len(epochs),
-        "eval_accuracy": last["eval_accuracy"], "eval_split": last["eval_split"],
-        "best_eval_accuracy": max(accs), "train_loss": last["train_loss"],
-        "saved_bytes_measured": last["saved_bytes_measured"],
-        "saved_bytes_model": last["saved_bytes_model"].get("total"),
-        "saved_bytes_match_all_epochs": all(e["saved_bytes_match"] for e in epochs),
-        "plain_full_finetune_measured_bytes": record["memory"]["plain_full_finetune_measured_bytes"],
-        "mean_weight_sparsity": sum(e["weight_sparsity"] for e in epochs) / len(epochs),
-        "mean_activation_sparsity": sum(e["activation_sparsity"] for e in epochs) / len(epochs),
-        "mean_weight_grad_flops_saved": sum(e["weight_grad_flops_saved"] for e in epochs) / len(epochs),
-        "wall_s": round(wall, 3),
-        "diverged": any(e["train_loss"] is None for e in epochs),
-    }
+    persist_final(run, keep_checkpoint)
+    return run.record.to_dict()
 
 
 # ------------------------------------------------------------------------- text
 
-def _mib(nbytes) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2 ** 20:.2f}"
+def format_epoch_line(entry: EpochRecord, epochs: int) -> str:
+    loss = "nan" if entry.train_loss is None else f"{entry.train_loss:.4f}"
+    return (f"epoch {entry.epoch + 1}/{epochs}: train loss {loss}, "
+            f"{entry.eval_split} acc {100 * entry.eval_accuracy:.2f}%, "
+            f"{entry.channels_drawn} channels in {entry.layers_trained} layers, "
+            f"saved for backward {mib(entry.saved_bytes_measured)} MiB, "
+            f"{entry.wall_s:.1f}s")
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def _record_head(r: RunRecord) -> str:
+    cfg, st, model, data = r.config, r.settings, r.model, r.data
+    return (f"{cfg.model} on {cfg.data} ({data.train_size} train / "
+            f"{data.eval_size} {data.eval_split} images, "
+            f"{st.resolution}x{st.resolution}), policy {get_policy(cfg.policy).name}, "
+            f"budget {st.budget_text}"
+            + (f" = {model.budget_units:,} of {model.full_units:,} units "
+               f"({100 * model.budget_fraction:.2f}%)" if model.budget_units else "")
+            + f", seed {cfg.seed}, preset {st.preset}, lr {st.lr:g} ({st.lr_source})")
 
 
-def format_epoch_line(entry: dict, epochs: int) -> str:
-    loss = "nan" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
-    return (f"epoch {entry['epoch'] + 1}/{epochs}: train loss {loss}, "
-            f"{entry['eval_split']} acc {100 * entry['eval_accuracy']:.2f}%, "
-            f"{entry['channels_drawn']} channels in {entry['layers_trained']} layers, "
-            f"saved for backward {_mib(entry['saved_bytes_measured'])} MiB, "
-            f"{entry['wall_s']:.1f}s")
+def _record_footer(r: RunRecord) -> list[str]:
+    final, mem = r.final, r.memory
+    if final is None or not final.epochs_done:
+        return []
+    return ["",
+            f"status {r.status}: {final.epochs_done} of {r.settings.epochs} epochs, "
+            f"{final.eval_split} accuracy {100 * final.eval_accuracy:.2f}% "
+            f"(best {100 * final.best_eval_accuracy:.2f}%), wall {final.wall_s:.1f}s",
+            f"saved for backward, batch {mem.batch}: {mib(final.saved_bytes_measured)}"
+            f" MiB measured (cost model {mib(final.saved_bytes_model)} MiB) vs full "
+            f"fine-tuning {mib(mem.plain_full_finetune_measured_bytes)} MiB in plain "
+            f"PyTorch (measured), {mib(mem.trady_full_analytic_bytes)} MiB with "
+            f"TraDy layers and every channel"]
 
 
-def format_record(record: dict) -> str:
+def format_record(record: RunRecord | dict) -> str:
     """The readable table of one run."""
-    cfg, st, model = record["config"], record["settings"], record["model"]
-    head = (f"{cfg['model']} on {cfg['data']} ({record['data']['train_size']} train / "
-            f"{record['data']['eval_size']} {record['data']['eval_split']} images, "
-            f"{st['resolution']}x{st['resolution']}), policy {get_policy(cfg['policy']).name}, "
-            f"budget {st['budget_text']}"
-            + (f" = {model['budget_units']:,} of {model['full_units']:,} units "
-               f"({100 * model['budget_fraction']:.2f}%)" if model["budget_units"] else "")
-            + f", seed {cfg['seed']}, preset {st['preset']}, lr {st['lr']:g} ({st['lr_source']})")
-    columns = ("epoch", "lr", "train loss", f"{record['data']['eval_split']} acc %", "channels",
-               "layers", "act sp %", "W sp %", "dW FLOPs saved %", "saved MiB (meas.)",
-               "= model", "wall s")
-    rows = [columns]
-    for e in record["epochs"]:
-        rows.append((str(e["epoch"] + 1), f"{e['lr_start']:.4g}",
-                     "nan" if e["train_loss"] is None else f"{e['train_loss']:.4f}",
-                     f"{100 * e['eval_accuracy']:.2f}", str(e["channels_drawn"]),
-                     str(e["layers_trained"]), _pct(e["activation_sparsity"]),
-                     _pct(e["weight_sparsity"]), _pct(e["weight_grad_flops_saved"]),
-                     _mib(e["saved_bytes_measured"]),
-                     "yes" if e["saved_bytes_match"] else "NO", f"{e['wall_s']:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    lines = [head, ""]
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    final = record.get("final") or {}
-    if final.get("epochs_done"):
-        mem = record["memory"]
-        lines += ["",
-                  f"status {record['status']}: {final['epochs_done']} of {st['epochs']} epochs, "
-                  f"{final['eval_split']} accuracy {100 * final['eval_accuracy']:.2f}% "
-                  f"(best {100 * final['best_eval_accuracy']:.2f}%), wall {final['wall_s']:.1f}s",
-                  f"saved for backward, batch {mem['batch']}: {_mib(final['saved_bytes_measured'])}"
-                  f" MiB measured (cost model {_mib(final['saved_bytes_model'])} MiB) vs full "
-                  f"fine-tuning {_mib(mem['plain_full_finetune_measured_bytes'])} MiB in plain "
-                  f"PyTorch (measured), {_mib(mem['trady_full_analytic_bytes'])} MiB with "
-                  f"TraDy layers and every channel"]
-    return "\n".join(lines)
+    r = RunRecord.coerce(record)
+    header = ("epoch", "lr", "train loss", f"{r.data.eval_split} acc %", "channels",
+              "layers", "act sp %", "W sp %", "dW FLOPs saved %", "saved MiB (meas.)",
+              "= model", "wall s")
+    rows = [(str(e.epoch + 1), f"{e.lr_start:.4g}",
+             "nan" if e.train_loss is None else f"{e.train_loss:.4f}",
+             f"{100 * e.eval_accuracy:.2f}", str(e.channels_drawn), str(e.layers_trained),
+             pct(e.activation_sparsity), pct(e.weight_sparsity), pct(e.weight_grad_flops_saved),
+             mib(e.saved_bytes_measured), "yes" if e.saved_bytes_match else "NO",
+             f"{e.wall_s:.1f}") for e in r.epochs]
+    return "\n".join([_record_head(r), "", text_table(header, rows)] + _record_footer(r))
 
 
-def format_comparison(records: list[dict]) -> str:
+def _comparison_row(r: RunRecord) -> tuple:
+    f = r.final or RunSummary(epochs_done=0)
+    plain = r.memory.plain_full_finetune_measured_bytes
+    units = r.epochs[-1].selected_units if r.epochs else None
+    return (get_policy(r.config.policy).name, r.settings.budget_text,
+            "-" if not f.epochs_done else f"{100 * f.eval_accuracy:.2f}",
+            mib(f.saved_bytes_measured),
+            "-" if not f.saved_bytes_measured else f"{100 * f.saved_bytes_measured / plain:.1f}%",
+            "-" if units is None else f"{units:,}",
+            pct(f.mean_weight_grad_flops_saved), f"{f.wall_s or 0:.1f}")
+
+
+def format_comparison(records: list[RunRecord | dict]) -> str:
     """Side-by-side summary of runs (e.g. TraDy and full fine-tuning)."""
-    columns = ("policy", "budget", "accuracy %", "saved for backward MiB", "vs plain full FT",
-               "memory units", "dW FLOPs saved %", "wall s")
-    rows = [columns]
-    for r in records:
-        f = r["final"] or {}
-        plain = r["memory"]["plain_full_finetune_measured_bytes"]
-        units = r["epochs"][-1]["selected_units"] if r["epochs"] else None
-        rows.append((get_policy(r["config"]["policy"]).name, r["settings"]["budget_text"],
-                     "-" if not f.get("epochs_done") else f"{100 * f['eval_accuracy']:.2f}",
-                     _mib(f.get("saved_bytes_measured")),
-                     "-" if not f.get("saved_bytes_measured") else
-                     f"{100 * f['saved_bytes_measured'] / plain:.1f}%",
-                     "-" if units is None else f"{units:,}",
-                     _pct(f.get("mean_weight_grad_flops_saved")), f"{f.get('wall_s', 0):.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) if j else c.ljust(w)
-                               for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    plain = records[0]["memory"]["plain_full_finetune_measured_bytes"]
-    lines.append(f"(plain PyTorch full fine-tuning saves {_mib(plain)} MiB for backward at batch "
-                 f"{records[0]['memory']['batch']}, measured)")
-    return "\n".join(lines)
+    runs = [RunRecord.coerce(r) for r in records]
+    header = ("policy", "budget", "accuracy %", "saved for backward MiB", "vs plain full FT",
+              "memory units", "dW FLOPs saved %", "wall s")
+    plain = runs[0].memory.plain_full_finetune_measured_bytes
+    return "\n".join([text_table(header, [_comparison_row(r) for r in runs],
+                                 align="l" + "r" * (len(header) - 1)),
+                      f"(plain PyTorch full fine-tuning saves {mib(plain)} MiB for backward at "
+                      f"batch {runs[0].memory.batch}, measured)"])

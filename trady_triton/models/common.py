@@ -165,7 +165,7 @@ def conv_memory_units(model: nn.Module, input_size: int = 128) -> dict[str, int]
 
     Runs one ``[1, 3, input_size, input_size]`` forward (eval mode) and sums, over every
     ``nn.Conv2d``, the weight elements ``C_out * C_in / groups * k * k`` and the per-sample
-    input-activation elements ``C_in * H_in * W_in`` (TRADY.md section 4; the classifier is
+    input-activation elements ``C_in * H_in * W_in`` (docs/METHOD.md section 4; the classifier is
     not counted). Returns ``{"convs", "weights", "activations", "total"}``.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

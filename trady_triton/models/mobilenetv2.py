@@ -8,7 +8,7 @@ the first has no expansion conv, the final 1x1 448 conv); the classifier is a Li
 Every conv is ``nn.Sequential(Conv2d(bias=False), BatchNorm2d, [ReLU6])`` so that
 Conv -> BN -> ReLU6 -> Conv is visible to a converter walking the containers.
 At 128x128, sum over convs of weight elements + per-sample input-activation elements is
-1,252,320 (TRADY.md section 4).
+1,252,320 (docs/METHOD.md section 4).
 """
 
 from __future__ import annotations
