@@ -56,3 +56,49 @@ def make_idx(order: str, C: int, device, dtype=torch.int32, seed: int = 0) -> to
     else:
         raise AssertionError(order)
     return torch.tensor(v, dtype=dtype, device=device)
+
+
+def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
+    """Convert float64 ``net`` (in place) and check it against a plain copy on ``x``.
+
+    Checks: the trained layers' weight gradients equal plain autograd on the selected
+    slices and are exact zeros elsewhere, the input gradient and the classifier's are
+    equal, and the bytes measured for backward equal the cost model. Returns
+    ``(controller, trady_bytes, plain_bytes)``: plain = full fine-tuning, every
+    parameter trained, in eval mode (BatchNorm statistics untouched), parameters excluded.
+    """
+    import copy
+
+    import trady_triton as tt
+    from trady_triton.analysis import selection_masks
+
+    net = net.double().eval()
+    plain = copy.deepcopy(net)
+    controller = tt.convert(net, keep_ratio, example_input=x, policy="d-fullrandom", seed=seed)
+    net.train()
+    with tt.saved_tensor_bytes(net) as saved:
+        net(x)
+    assert saved.total == controller.saved_bytes(x.shape[0])["total"]
+    net.eval()
+    with tt.saved_tensor_bytes(plain) as saved_plain:   # eval: train mode would move BN stats
+        plain(x)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    dy = torch.randn(net(a).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    net(a).backward(dy)
+    plain(b).backward(dy)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    masks = selection_masks(controller)
+    plain_params = dict(plain.named_parameters())
+    for name, mask in masks.items():
+        weight = controller.modules[name].weight
+        if not weight.requires_grad:
+            assert weight.grad is None
+            continue
+        expected = torch.where(mask, plain_params[name + ".weight"].grad, 0.0)
+        torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-12)
+        assert (weight.grad[~mask] == 0).all()
+    head = controller.classifier
+    if head is not None:
+        torch.testing.assert_close(controller.modules[head].weight.grad,
+                                   plain_params[head + ".weight"].grad, rtol=1e-10, atol=1e-12)
+    return controller, saved.total, saved_plain.total

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from . import activations as A
 from . import layers as L
+from . import pooling as P
+from .models.blocks import SqueezeExcitation
 
 # Exact types only: a user's subclass may change forward(), so it is left alone.
 SWAPS = {
@@ -20,10 +23,20 @@ SWAPS = {
     nn.ReLU: L.TraDyReLU,
     nn.ReLU6: L.TraDyReLU6,
     nn.AdaptiveAvgPool2d: L.TraDyAdaptiveAvgPool2d,
+    nn.SiLU: A.TraDySiLU,
+    nn.Hardswish: A.TraDyHardswish,
+    nn.GELU: A.TraDyGELU,
+    nn.Sigmoid: A.TraDySigmoid,
+    nn.Tanh: A.TraDyTanh,
+    nn.Hardsigmoid: A.TraDyHardsigmoid,
+    nn.Dropout: A.TraDyDropout,
+    SqueezeExcitation: A.TraDySqueezeExcitation,
+    nn.MaxPool2d: P.TraDyMaxPool2d,
+    nn.AvgPool2d: P.TraDyAvgPool2d,
 }
 TRADY_TYPES = tuple(SWAPS.values())
 _ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
-                     "_frozen_cache", "_trady_original_class")
+                     "_frozen_cache", "_trady_original_class", "code_bits")
 
 
 def _symmetric_padding(conv: nn.Conv2d):
@@ -48,6 +61,9 @@ def _convertible(module: nn.Module) -> bool:
         return module.padding_mode == "zeros" and _symmetric_padding(module) is not None
     if isinstance(module, nn.BatchNorm2d):
         return module.track_running_stats
+    if isinstance(module, nn.MaxPool2d):
+        kernel = P.max_pool_geometry(module)[0]
+        return not module.return_indices and P.code_bits(kernel[0] * kernel[1]) is not None
     return True
 
 

@@ -81,8 +81,65 @@ class MaskCost:
     numel_per_sample: int
     order: int
 
+    category = "masks"
+
     def bytes_for(self, batch: int) -> int:
         return math.ceil(batch * self.numel_per_sample / 8)
+
+    def saved_bytes(self, batch: int, first_trained: int) -> int:
+        return self.bytes_for(batch) if self.order > first_trained else 0
+
+
+@dataclass(frozen=True)
+class KeptCost:
+    """A module keeping ``bits`` bits per element of a tensor when it runs on the backward path.
+
+    E.g. SiLU / GELU / Hardswish keep their input, Sigmoid / Tanh their output (bits =
+    8 x element size), MaxPool2d a window code per output element (1-8 bits).
+    """
+
+    name: str
+    numel_per_sample: int
+    bits: int
+    order: int
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: int) -> int:
+        if self.order <= first_trained:
+            return 0
+        return math.ceil(batch * self.numel_per_sample * self.bits / 8)
+
+
+@dataclass(frozen=True)
+class GateCost:
+    """Squeeze-excitation ``x * gate``: keeps the gate when x needs a gradient, and x when
+    the gate does, unless x is recomputed from the input its activation keeps anyway.
+
+    ``start`` / ``order``: execution positions at the module's entry and exit; x needs a
+    gradient when a trained layer ran before ``start``, the gate when one ran before
+    ``order``. ``source_order``: position of the activation whose kept input recomputes x
+    (None: x is kept itself). ``gate_kept_elsewhere``: the gate is a Sigmoid's output,
+    which that Sigmoid keeps (one storage, counted there).
+    """
+
+    name: str
+    x_numel_per_sample: int
+    gate_numel_per_sample: int
+    element_bytes: int
+    start: int
+    order: int
+    source_order: int | None
+    gate_kept_elsewhere: bool
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: int) -> int:
+        total = 0
+        if self.start > first_trained and not self.gate_kept_elsewhere:
+            total += batch * self.gate_numel_per_sample * self.element_bytes
+        recomputed = self.source_order is not None and self.source_order > first_trained
+        if self.order > first_trained and not recomputed:
+            total += batch * self.x_numel_per_sample * self.element_bytes
+        return total
 
 
 def full_units(layers: list[LayerCost]) -> int:
@@ -132,25 +189,29 @@ def selection_stats(layers: list[LayerCost], counts: dict[str, int],
     )
 
 
-def saved_bytes_for_backward(layers: list[LayerCost], masks: list[MaskCost],
+def saved_bytes_for_backward(layers: list[LayerCost], masks: list,
                              counts: dict[str, int], batch: int) -> dict[str, int]:
     """Analytic bytes that a converted model saves for backward, per component.
 
     Trained layers save ``batch * K * CA_c`` elements of their compact input;
-    every ReLU/ReLU6 executed after the earliest trained layer keeps a 1-bit
-    mask; frozen layers, frozen BatchNorm, pooling and residual adds save none.
-    (Unconverted modules on the backward path are not modelled: measure them.)
+    every ReLU/ReLU6/Hardsigmoid/Dropout executed after the earliest trained layer
+    keeps a 1-bit mask (``masks``: :class:`MaskCost`), the other converted modules what
+    their :class:`KeptCost` / :class:`GateCost` say (``kept``); frozen layers, frozen
+    BatchNorm, average pooling and residual adds save none. (Unconverted modules on the
+    backward path are not modelled: measure them, ``saved_bytes_by_module``.)
     """
     trained = [l for l in layers if counts.get(l.name, 0) > 0]
     if not trained:
-        return {"activations": 0, "classifier": 0, "masks": 0, "total": 0}
+        return {"activations": 0, "classifier": 0, "masks": 0, "kept": 0, "total": 0}
     first = min(l.order for l in trained)
     act = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
               for l in trained if not l.is_classifier)
     head = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
                for l in trained if l.is_classifier)
-    mask = sum(m.bytes_for(batch) for m in masks if m.order > first)
-    return {"activations": act, "classifier": head, "masks": mask, "total": act + head + mask}
+    mask = sum(m.saved_bytes(batch, first) for m in masks if m.category == "masks")
+    kept = sum(m.saved_bytes(batch, first) for m in masks if m.category == "kept")
+    return {"activations": act, "classifier": head, "masks": mask, "kept": kept,
+            "total": act + head + mask + kept}
 
 
 def full_finetune_saved_bytes_estimate(layers: list[LayerCost], batch: int) -> int:

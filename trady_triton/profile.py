@@ -14,17 +14,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .cost import LayerCost, MaskCost, element_bytes
+from . import activations as A
+from . import pooling as P
+from .cost import GateCost, KeptCost, LayerCost, MaskCost, element_bytes
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 # Leaf modules whose backward needs no saved tensor: not "unsupported".
-_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten)
+_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, P.TraDyAvgPool2d)
+_KEEP_INPUT = (A.TraDySiLU, A.TraDyHardswish, A.TraDyGELU)
+_KEEP_OUTPUT = (A.TraDySigmoid, A.TraDyTanh)
+# containers that are costed themselves (their forward does more than call children)
+_COSTED_CONTAINERS = (A.TraDySqueezeExcitation,)
 
 
 @dataclass
 class Profile:
     layers: list[LayerCost]
-    masks: list[MaskCost]
+    masks: list                                # MaskCost / KeptCost / GateCost entries
     fusions: list[tuple[str, str, str]]        # (batchnorm, activation, consumer) names
     other_modules: list[tuple[str, str]]       # (name, class) of leaves we do not convert
     calls: list[str] = field(default_factory=list)
@@ -48,6 +54,7 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
     if classifier == "auto":
         classifier = find_classifier(model)
     records = []   # (order, name, module, input tensor, output tensor)
+    starts = {}    # name -> position at entry, for the costed containers
     handles = []
 
     def hook_for(name):
@@ -57,9 +64,16 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                             output if isinstance(output, torch.Tensor) else None))
         return hook
 
+    def start_hook_for(name):
+        def hook(module, inputs):
+            starts.setdefault(name, len(records))
+        return hook
+
     for name, module in model.named_modules():
         leaf = not any(True for _ in module.children())
-        if leaf or isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, _COSTED_CONTAINERS):
+            handles.append(module.register_forward_pre_hook(start_hook_for(name)))
+        if leaf or isinstance(module, (nn.Conv2d, nn.Linear, *_COSTED_CONTAINERS)):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     try:
@@ -87,11 +101,42 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                                     element_bytes(x.dtype), order, name == classifier))
         elif isinstance(module, _ACTIVATIONS) and x is not None:
             masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
+        elif isinstance(module, _NEW_KINDS) and x is not None:
+            masks += _kept_costs(order, name, module, x, y, records, starts)
         elif not isinstance(module, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, *_SAVE_NOTHING)):
             other.append((name, type(module).__name__))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             other.append((name, type(module).__name__))
     return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
+
+
+_NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, *_KEEP_INPUT, *_KEEP_OUTPUT,
+              *_COSTED_CONTAINERS)
+
+
+def _kept_costs(order, name, module, x, y, records, starts) -> list:
+    """Cost entries of one converted module of activations.py / pooling.py."""
+    per_sample = math.prod(x.shape[1:])
+    bits = 8 * element_bytes(x.dtype)
+    if isinstance(module, A.TraDyHardsigmoid):
+        return [MaskCost(name, per_sample, order)]
+    if isinstance(module, A.TraDyDropout):   # costed as in training; in eval it keeps nothing
+        return [MaskCost(name, per_sample, order)] if 0.0 < module.p < 1.0 else []
+    if isinstance(module, P.TraDyMaxPool2d):
+        return [KeptCost(name, math.prod(y.shape[1:]), module.code_bits, order)]
+    if isinstance(module, _KEEP_INPUT):
+        return [KeptCost(name, per_sample, bits, order)]
+    if isinstance(module, _KEEP_OUTPUT):
+        return [KeptCost(name, math.prod(y.shape[1:]), bits, order)]
+    return [_gate_cost(order, name, module, x, records, starts)]
+
+
+def _gate_cost(order, name, module, x, records, starts) -> GateCost:
+    producer = next((r for r in records if r[4] is x), None)
+    source = producer[0] if producer is not None and isinstance(producer[2], _KEEP_INPUT) else None
+    return GateCost(name, math.prod(x.shape[1:]), x.shape[1], element_bytes(x.dtype),
+                    starts[name], order, source,
+                    isinstance(module.scale_activation, _KEEP_OUTPUT))
 
 
 def _find_fusions(records) -> list[tuple[str, str, str]]:
