@@ -11,6 +11,8 @@ import trady_triton as tt
 from trady_triton.convert import swap_modules
 from trady_triton.models.blocks import SqueezeExcitation
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores are shared
+
 KEEPS_INPUT = [nn.SiLU, nn.Hardswish, nn.GELU, lambda: nn.GELU(approximate="tanh")]
 KEEPS_OUTPUT = [nn.Sigmoid, nn.Tanh]
 

@@ -1,10 +1,13 @@
 """Converted nets with SiLU / Hardswish / GELU / SE / pooling / Dropout: exact and as costed."""
 
+import pytest
 import torch
 import torch.nn as nn
 
 from helpers import check_exact_conversion
 from trady_triton.models.blocks import SqueezeExcitation
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores are shared
 
 
 def _se_net():

@@ -10,6 +10,8 @@ import trady_triton as tt
 from trady_triton.convert import swap_modules
 from trady_triton.pooling import code_bits, pack_codes, unpack_codes
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores are shared
+
 MAX_POOLS = [
     (dict(kernel_size=3, stride=2, padding=1), 4),
     (dict(kernel_size=2), 2),
