@@ -82,11 +82,14 @@ def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
     net.eval()
     with tt.saved_tensor_bytes(plain) as saved_plain:   # eval: train mode would move BN stats
         plain(x)
-    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    dy = torch.randn(net(a).shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    net(a).backward(dy)
+    floating = x.is_floating_point()   # token ids have no gradient
+    a, b = x.clone().requires_grad_(floating), x.clone().requires_grad_(floating)
+    out = net(a)
+    dy = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    out.backward(dy)
     plain(b).backward(dy)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    if floating:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
     masks = selection_masks(controller)
     plain_params = dict(plain.named_parameters())
     for name, mask in masks.items():

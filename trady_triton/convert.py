@@ -13,7 +13,9 @@ import torch.nn as nn
 from . import activations as A
 from . import layers as L
 from . import pooling as P
+from . import transformer as X
 from .models.blocks import SqueezeExcitation
+from .models.transformer_blocks import MLP, Attention
 
 # Exact types only: a user's subclass may change forward(), so it is left alone.
 SWAPS = {
@@ -33,6 +35,9 @@ SWAPS = {
     SqueezeExcitation: A.TraDySqueezeExcitation,
     nn.MaxPool2d: P.TraDyMaxPool2d,
     nn.AvgPool2d: P.TraDyAvgPool2d,
+    nn.LayerNorm: X.TraDyLayerNorm,
+    Attention: X.TraDyAttention,
+    MLP: X.TraDyMLP,
 }
 TRADY_TYPES = tuple(SWAPS.values())
 _ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",

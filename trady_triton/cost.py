@@ -86,7 +86,7 @@ class MaskCost:
     def bytes_for(self, batch: int) -> int:
         return math.ceil(batch * self.numel_per_sample / 8)
 
-    def saved_bytes(self, batch: int, first_trained: int) -> int:
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
         return self.bytes_for(batch) if self.order > first_trained else 0
 
 
@@ -95,17 +95,24 @@ class KeptCost:
     """A module keeping ``bits`` bits per element of a tensor when it runs on the backward path.
 
     E.g. SiLU / GELU / Hardswish keep their input, Sigmoid / Tanh their output (bits =
-    8 x element size), MaxPool2d a window code per output element (1-8 bits).
+    8 x element size), MaxPool2d a window code per output element (1-8 bits), LayerNorm
+    its input and per-row statistics, an attention core its packed qkv. ``order`` may be
+    fractional: an attention core runs between its qkv and output projections.
     """
 
     name: str
     numel_per_sample: int
     bits: int
     order: int
+    # (layer, its input channels): a conv/linear taking the kept tensor as input; trained
+    # on every channel it keeps the same storage, which its own entry counts
+    shared_with: tuple[str, int] | None = None
     category = "kept"
 
-    def saved_bytes(self, batch: int, first_trained: int) -> int:
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
         if self.order <= first_trained:
+            return 0
+        if self.shared_with is not None and counts.get(self.shared_with[0]) == self.shared_with[1]:
             return 0
         return math.ceil(batch * self.numel_per_sample * self.bits / 8)
 
@@ -132,7 +139,7 @@ class GateCost:
     gate_kept_elsewhere: bool
     category = "kept"
 
-    def saved_bytes(self, batch: int, first_trained: int) -> int:
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
         total = 0
         if self.start > first_trained and not self.gate_kept_elsewhere:
             total += batch * self.gate_numel_per_sample * self.element_bytes
@@ -140,6 +147,28 @@ class GateCost:
         if self.order > first_trained and not recomputed:
             total += batch * self.x_numel_per_sample * self.element_bytes
         return total
+
+
+@dataclass(frozen=True)
+class RecomputeCost:
+    """A transformer MLP whose activation keeps fc1's input ``x`` (not fc1's output).
+
+    Kept when fc1's output needs a gradient (a trained layer ran at or before fc1),
+    unless fc1 is trained on every input feature: it then keeps the same ``x``.
+    """
+
+    name: str
+    numel_per_sample: int
+    element_bytes: int
+    fc1: str
+    fc1_order: int
+    fc1_in_features: int
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
+        if self.fc1_order < first_trained or counts.get(self.fc1) == self.fc1_in_features:
+            return 0
+        return batch * self.numel_per_sample * self.element_bytes
 
 
 def full_units(layers: list[LayerCost]) -> int:
@@ -208,8 +237,8 @@ def saved_bytes_for_backward(layers: list[LayerCost], masks: list,
               for l in trained if not l.is_classifier)
     head = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
                for l in trained if l.is_classifier)
-    mask = sum(m.saved_bytes(batch, first) for m in masks if m.category == "masks")
-    kept = sum(m.saved_bytes(batch, first) for m in masks if m.category == "kept")
+    mask = sum(m.saved_bytes(batch, first, counts) for m in masks if m.category == "masks")
+    kept = sum(m.saved_bytes(batch, first, counts) for m in masks if m.category == "kept")
     return {"activations": act, "classifier": head, "masks": mask, "kept": kept,
             "total": act + head + mask + kept}
 

@@ -16,15 +16,17 @@ import torch.nn as nn
 
 from . import activations as A
 from . import pooling as P
-from .cost import GateCost, KeptCost, LayerCost, MaskCost, element_bytes
+from . import transformer as X
+from .cost import GateCost, KeptCost, LayerCost, MaskCost, RecomputeCost, element_bytes
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 # Leaf modules whose backward needs no saved tensor: not "unsupported".
-_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, P.TraDyAvgPool2d)
+# (nn.Embedding: frozen by convert(), and its integer input needs no gradient)
+_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding, P.TraDyAvgPool2d)
 _KEEP_INPUT = (A.TraDySiLU, A.TraDyHardswish, A.TraDyGELU)
 _KEEP_OUTPUT = (A.TraDySigmoid, A.TraDyTanh)
 # containers that are costed themselves (their forward does more than call children)
-_COSTED_CONTAINERS = (A.TraDySqueezeExcitation,)
+_COSTED_CONTAINERS = (A.TraDySqueezeExcitation, X.TraDyAttention, X.TraDyMLP)
 
 
 @dataclass
@@ -85,7 +87,9 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             handle.remove()
         model.train(was_training)
 
-    layers, masks, other, seen = [], [], [], set()
+    layers, masks, other = [], [], []
+    seen = {f"{n}.act" for n, m in model.named_modules()   # run inside RecomputedActivation
+            if isinstance(m, X.TraDyMLP) and m.activation_kind()}
     for order, name, module, x, y in records:
         if name in seen:
             continue    # a module called twice is costed at its first call
@@ -110,8 +114,8 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
     return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
 
 
-_NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, *_KEEP_INPUT, *_KEEP_OUTPUT,
-              *_COSTED_CONTAINERS)
+_NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, X.TraDyLayerNorm,
+              *_KEEP_INPUT, *_KEEP_OUTPUT, *_COSTED_CONTAINERS)
 
 
 def _kept_costs(order, name, module, x, y, records, starts) -> list:
@@ -125,10 +129,34 @@ def _kept_costs(order, name, module, x, y, records, starts) -> list:
     if isinstance(module, P.TraDyMaxPool2d):
         return [KeptCost(name, math.prod(y.shape[1:]), module.code_bits, order)]
     if isinstance(module, _KEEP_INPUT):
-        return [KeptCost(name, per_sample, bits, order)]
+        return [KeptCost(name, per_sample, bits, order, _layer_taking(records, x))]
     if isinstance(module, _KEEP_OUTPUT):
-        return [KeptCost(name, math.prod(y.shape[1:]), bits, order)]
+        return [KeptCost(name, math.prod(y.shape[1:]), bits, order, _layer_taking(records, y))]
+    if isinstance(module, X.TraDyLayerNorm):   # + mean and 1/std per normalised row
+        rows = per_sample // math.prod(module.normalized_shape)
+        return [KeptCost(name, per_sample + 2 * rows, bits, order)]
+    if isinstance(module, X.TraDyAttention):   # the core runs just after qkv
+        qkv = _record(records, f"{name}.qkv")
+        return [KeptCost(name, math.prod(qkv[4].shape[1:]), bits, qkv[0] + 0.5)]
+    if isinstance(module, X.TraDyMLP):
+        if module.activation_kind() is None:
+            return []
+        fc1 = _record(records, f"{name}.fc1")
+        return [RecomputeCost(name, per_sample, element_bytes(x.dtype), fc1[1], fc1[0],
+                              module.fc1.in_features)]
     return [_gate_cost(order, name, module, x, records, starts)]
+
+
+def _layer_taking(records, tensor) -> tuple[str, int] | None:
+    """(name, input channels) of the first conv/linear whose input is ``tensor``."""
+    for _, name, module, x, _ in records:
+        if x is tensor and isinstance(module, (nn.Conv2d, nn.Linear)):
+            return name, module.weight.shape[1] * getattr(module, "groups", 1)
+    return None
+
+
+def _record(records, name):
+    return next(r for r in records if r[1] == name)
 
 
 def _gate_cost(order, name, module, x, records, starts) -> GateCost:
