@@ -229,18 +229,36 @@ def saved_bytes_for_backward(layers: list[LayerCost], masks: list,
     BatchNorm, average pooling and residual adds save none. (Unconverted modules on the
     backward path are not modelled: measure them, ``saved_bytes_by_module``.)
     """
+    per_module = saved_bytes_per_module(layers, masks, counts, batch)
+    heads = {l.name for l in layers if l.is_classifier}
+    layer_names = {l.name for l in layers}
+    categories = {m.name: m.category for m in masks}
+    totals = {"activations": 0, "classifier": 0, "masks": 0, "kept": 0}
+    for name, nbytes in per_module.items():
+        if name in heads:
+            totals["classifier"] += nbytes
+        elif name in layer_names:
+            totals["activations"] += nbytes
+        else:
+            totals[categories[name]] += nbytes
+    totals["total"] = sum(totals.values())
+    return totals
+
+
+def saved_bytes_per_module(layers: list[LayerCost], masks: list, counts: dict[str, int],
+                           batch: int) -> dict[str, int]:
+    """Analytic bytes kept for backward, per module name (modules keeping nothing left out)."""
     trained = [l for l in layers if counts.get(l.name, 0) > 0]
     if not trained:
-        return {"activations": 0, "classifier": 0, "masks": 0, "kept": 0, "total": 0}
+        return {}
     first = min(l.order for l in trained)
-    act = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
-              for l in trained if not l.is_classifier)
-    head = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
-               for l in trained if l.is_classifier)
-    mask = sum(m.saved_bytes(batch, first, counts) for m in masks if m.category == "masks")
-    kept = sum(m.saved_bytes(batch, first, counts) for m in masks if m.category == "kept")
-    return {"activations": act, "classifier": head, "masks": mask, "kept": kept,
-            "total": act + head + mask + kept}
+    per_module = {l.name: batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
+                  for l in trained}
+    for entry in masks:
+        nbytes = entry.saved_bytes(batch, first, counts)
+        if nbytes:
+            per_module[entry.name] = per_module.get(entry.name, 0) + nbytes
+    return per_module
 
 
 def full_finetune_saved_bytes_estimate(layers: list[LayerCost], batch: int) -> int:

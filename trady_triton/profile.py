@@ -27,6 +27,8 @@ _KEEP_INPUT = (A.TraDySiLU, A.TraDyHardswish, A.TraDyGELU)
 _KEEP_OUTPUT = (A.TraDySigmoid, A.TraDyTanh)
 # containers that are costed themselves (their forward does more than call children)
 _COSTED_CONTAINERS = (A.TraDySqueezeExcitation, X.TraDyAttention, X.TraDyMLP)
+# containers not converted whose own forward keeps tensors (functional calls): listed
+_KEEP_THEMSELVES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @dataclass
@@ -75,7 +77,8 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
         leaf = not any(True for _ in module.children())
         if isinstance(module, _COSTED_CONTAINERS):
             handles.append(module.register_forward_pre_hook(start_hook_for(name)))
-        if leaf or isinstance(module, (nn.Conv2d, nn.Linear, *_COSTED_CONTAINERS)):
+        if leaf or isinstance(module, (nn.Conv2d, nn.Linear, *_COSTED_CONTAINERS,
+                                       *_KEEP_THEMSELVES)):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     try:

@@ -46,7 +46,9 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         f"full fine-tuning keeps at least {_mib(C.full_finetune_saved_bytes_estimate(layers, batch))}"
         " of conv/linear inputs alone",
     ]
-    if measured_bytes is not None:
+    if isinstance(measured_bytes, dict):
+        lines += _per_module_lines(controller, batch, measured_bytes)
+    elif measured_bytes is not None:
         lines.append(f"saved for backward (measured): {_mib(measured_bytes)}")
     others = controller.profile.other_modules
     if others:
@@ -54,3 +56,21 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         lines.append(f"not converted (PyTorch behaviour, counted only when measured): "
                      f"{len(others)} modules of types {', '.join(kinds)}")
     return "\n".join(lines)
+
+
+def _per_module_lines(controller, batch: int, measured: dict[str, int]) -> list[str]:
+    """Every module that kept tensors (``saved_bytes_by_module``) next to the cost model."""
+    modelled = C.saved_bytes_per_module(controller.layers, controller.profile.masks,
+                                        controller.counts(), batch)
+    rows = [("module (kept for backward)", "type", "measured bytes", "cost model bytes")]
+    for name in sorted(set(measured) | set(modelled), key=lambda n: -measured.get(n, 0)):
+        kind = type(controller.model.get_submodule(name)).__name__ if name else \
+            "functional calls in the model's forward"
+        rows.append((name or "(model)", kind, str(measured.get(name, 0)),
+                     str(modelled[name]) if name in modelled else "not modelled"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    total = sum(measured.values())
+    return ["", *table, f"saved for backward (measured): {_mib(total)} (cost model "
+            f"{_mib(controller.saved_bytes(batch)['total'])})"]
