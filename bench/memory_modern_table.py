@@ -13,7 +13,6 @@ excluded), and the cost model's ``controller.saved_bytes``. Deterministic: no ti
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(BENCH))
 
 from _bench_env import replace_section  # noqa: E402
 
-import trady_triton as tt  # noqa: E402
+from trady_triton.accounting import plain_and_converted_bytes  # noqa: E402
 from trady_triton.models.efficientnet_b0 import EfficientNetB0  # noqa: E402
 from trady_triton.models.mobilenetv3 import MobileNetV3Small  # noqa: E402
 from trady_triton.models.resnet import ResNet18  # noqa: E402
@@ -43,26 +42,15 @@ ARCHITECTURES = {
 SEEDS = (0, 1, 2)
 
 
-def measure(make, x, seed: int) -> tuple[int, int, int]:
-    """(plain bytes, TraDy measured bytes, TraDy cost-model bytes) for one draw."""
-    torch.manual_seed(0)
-    net = make(num_classes=10).eval()
-    plain = copy.deepcopy(net)
-    with tt.saved_tensor_bytes(plain) as saved_plain:
-        plain(x)
-    controller = tt.convert(net, 0.02, example_input=x, policy="d-fullrandom", seed=seed)
-    net.train()
-    with tt.saved_tensor_bytes(net) as saved:
-        net(x)
-    return saved_plain.total, saved.total, controller.saved_bytes(x.shape[0])["total"]
-
-
 def table() -> str:
     rows = ["| architecture | plain PyTorch MiB | TraDy MiB (seeds 0-2) | = cost model | "
             "plain / TraDy (min) | target |", "|---|---|---|---|---|---|"]
     for name, (make, inputs, target) in ARCHITECTURES.items():
         x = inputs()
-        results = [measure(make, x, seed) for seed in SEEDS]
+        results = []
+        for seed in SEEDS:
+            torch.manual_seed(0)   # the same random init for every draw
+            results.append(plain_and_converted_bytes(make(num_classes=10), x, 0.02, seed))
         plain = results[0][0]
         ratio = min(plain / r[1] for r in results)
         verdict = "-" if target is None else f">= {target} ({'PASS' if ratio >= target else 'FAIL'})"

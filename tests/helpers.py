@@ -105,3 +105,28 @@ def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
         torch.testing.assert_close(controller.modules[head].weight.grad,
                                    plain_params[head + ".weight"].grad, rtol=1e-10, atol=1e-12)
     return controller, saved.total, saved_plain.total
+
+
+def swapped_and_plain(module, x0, *args):
+    """Run a swapped copy of ``module`` (in a Sequential) and ``module`` itself on ``x0``.
+
+    Outputs must be bit-equal. Backpropagates one random gradient through both and
+    returns ``(grad, grad_plain, saved_bytes, output, swapped)``: the input gradients,
+    the bytes the swapped copy kept (parameters excluded), its output, and the Sequential.
+    """
+    import copy
+
+    import trady_triton as tt
+    from trady_triton.convert import swap_modules
+
+    swapped = torch.nn.Sequential(copy.deepcopy(module))
+    swap_modules(swapped)
+    a, b = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    with tt.saved_tensor_bytes(swapped) as saved:
+        y = swapped[0](a * 1.0, *args)     # a non-leaf input, so in-place modules may run
+    y_plain = module(b * 1.0, *args)
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
+    y.backward(dy)
+    y_plain.backward(dy)
+    return a.grad, b.grad, saved.total, y, swapped

@@ -1,6 +1,5 @@
 """activations.py: exact gradients, and only what each exact backward needs is kept."""
 
-import copy
 import math
 
 import pytest
@@ -9,6 +8,7 @@ import torch.nn as nn
 
 import trady_triton as tt
 from trady_triton.convert import swap_modules
+from helpers import swapped_and_plain
 from trady_triton.models.blocks import SqueezeExcitation
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores are shared
@@ -31,18 +31,9 @@ def _inputs(shape, seed=0):
     return x
 
 
-def _run(model, plain, x0):
-    """(output, grad) of the converted and the plain module, and the converted saved bytes."""
-    a = x0.clone().requires_grad_(True)
-    b = x0.clone().requires_grad_(True)
-    with tt.saved_tensor_bytes(model) as saved:
-        y = model(a * 1.0)
-    y_ref = plain(b * 1.0)
-    dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
-    y.backward(dy)
-    y_ref.backward(dy)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    return a.grad, b.grad, saved.total
+def _run(module, x0):
+    grad, grad_plain, saved, _, _ = swapped_and_plain(module, x0)
+    return grad, grad_plain, saved
 
 
 @pytest.mark.parametrize("make", KEEPS_INPUT + KEEPS_OUTPUT + [nn.Hardsigmoid],
@@ -50,7 +41,7 @@ def _run(model, plain, x0):
                               "hardsigmoid"])
 def test_activation_gradient_equals_pytorch_bit_for_bit(make):
     x0 = _inputs((3, 5, 7, 9))
-    grad, grad_ref, _ = _run(_converted(make()), nn.Sequential(make()), x0)
+    grad, grad_ref, _ = _run(make(), x0)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
 
 
@@ -58,13 +49,13 @@ def test_activation_gradient_equals_pytorch_bit_for_bit(make):
                                                                  "gelu-tanh", "sigmoid", "tanh"])
 def test_smooth_activations_keep_one_tensor_of_their_size(make):
     x0 = _inputs((2, 3, 5, 7))
-    _, _, saved = _run(_converted(make()), nn.Sequential(make()), x0)
+    _, _, saved = _run(make(), x0)
     assert saved == x0.numel() * 8
 
 
 def test_hardsigmoid_keeps_one_bit_per_element():
     x0 = _inputs((3, 5, 7, 9))
-    _, _, saved = _run(_converted(nn.Hardsigmoid()), nn.Sequential(nn.Hardsigmoid()), x0)
+    _, _, saved = _run(nn.Hardsigmoid(), x0)
     assert saved == math.ceil(x0.numel() / 8)
 
 
@@ -78,7 +69,7 @@ def test_activations_keep_nothing_before_the_first_trained_layer(make):
 
 def test_inplace_activation_runs_out_of_place_and_keeps_its_input():
     x0 = _inputs((2, 3, 5, 7))
-    grad, grad_ref, saved = _run(_converted(nn.SiLU(inplace=True)), nn.Sequential(nn.SiLU()), x0)
+    grad, grad_ref, saved = _run(nn.SiLU(inplace=True), x0)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
     assert saved == x0.numel() * 8
 
@@ -114,9 +105,8 @@ def test_gate_multiply_recomputes_x_only_from_a_kept_input(activation, scale_act
     torch.manual_seed(4)
     plain = nn.Sequential(activation(), SqueezeExcitation(6, 3, scale_activation=scale_activation))
     plain.double()
-    model = _converted(*copy.deepcopy(plain))   # every weight trainable, all channels
     x0 = _inputs((2, 6, 5, 7))
-    grad, grad_ref, saved = _run(model, plain, x0)
+    grad, grad_ref, saved, _, model = swapped_and_plain(plain, x0)   # every weight trained
     torch.testing.assert_close(grad, grad_ref, rtol=1e-13, atol=1e-13)
     for p, p_ref in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-13, atol=1e-13)

@@ -1,12 +1,10 @@
 """MobileNetV3-Small, EfficientNet-B0, ResNet-18: exact when converted, as costed, and the saving."""
 
-import copy
-
 import pytest
 import torch
 
-import trady_triton as tt
 from helpers import check_exact_conversion
+from trady_triton.accounting import plain_and_converted_bytes
 from trady_triton.models.efficientnet_b0 import EfficientNetB0
 from trady_triton.models.mobilenetv3 import MobileNetV3Small
 from trady_triton.models.resnet import ResNet18
@@ -45,14 +43,7 @@ def test_tiny_architectures_are_exact_and_measured_bytes_equal_the_cost_model(na
 def test_two_percent_of_full_units_saves_the_target_factor_below_plain_pytorch(make, floor):
     """Full-size nets at 160x160, float32: plain full fine-tuning over TraDy's saved bytes."""
     torch.manual_seed(0)
-    net = make(num_classes=10).eval()
-    plain = copy.deepcopy(net)
     x = torch.randn(2, 3, 160, 160)
-    with tt.saved_tensor_bytes(plain) as saved_plain:
-        plain(x)
-    controller = tt.convert(net, 0.02, example_input=x, policy="d-fullrandom", seed=0)
-    net.train()
-    with tt.saved_tensor_bytes(net) as saved:
-        net(x)
-    assert saved.total == controller.saved_bytes(2)["total"]
-    assert saved_plain.total >= floor * saved.total
+    plain, trady, modelled = plain_and_converted_bytes(make(num_classes=10), x, 0.02)
+    assert trady == modelled
+    assert plain >= floor * trady

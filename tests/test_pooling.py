@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import trady_triton as tt
 from trady_triton.convert import swap_modules
+from helpers import swapped_and_plain
 from trady_triton.pooling import code_bits, pack_codes, unpack_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores are shared
@@ -19,25 +19,6 @@ MAX_POOLS = [
     (dict(kernel_size=5, stride=3, padding=2, ceil_mode=True), 8),
     (dict(kernel_size=(1, 2), stride=1), 1),
 ]
-
-
-def _converted(module):
-    model = nn.Sequential(module)
-    swap_modules(model)
-    return model
-
-
-def _grads(model, plain, x0):
-    a = x0.clone().requires_grad_(True)
-    b = x0.clone().requires_grad_(True)
-    with tt.saved_tensor_bytes(model) as saved:
-        y = model(a * 1.0)
-    y_ref = plain(b * 1.0)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
-    return a.grad, b.grad, saved.total, y
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -57,9 +38,8 @@ def test_code_bits_are_the_fewest_that_pack_evenly():
 def test_max_pool_gradient_equals_pytorch_and_keeps_window_codes(config, bits, shape):
     torch.manual_seed(5)
     x0 = torch.randn(shape, dtype=torch.float64)
-    model = _converted(nn.MaxPool2d(**config))
+    grad, grad_ref, saved, y, model = swapped_and_plain(nn.MaxPool2d(**config), x0)
     assert model[0].code_bits == bits
-    grad, grad_ref, saved, y = _grads(model, nn.MaxPool2d(**config), x0)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
     assert saved == math.ceil(y.numel() * bits / 8)
 
@@ -79,6 +59,6 @@ def test_max_pool_with_indices_or_huge_windows_is_not_converted():
 def test_avg_pool_gradient_equals_pytorch_and_keeps_nothing(config, shape):
     torch.manual_seed(6)
     x0 = torch.randn(shape, dtype=torch.float64)
-    grad, grad_ref, saved, _ = _grads(_converted(nn.AvgPool2d(**config)), nn.AvgPool2d(**config), x0)
+    grad, grad_ref, saved, _, _ = swapped_and_plain(nn.AvgPool2d(**config), x0)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
     assert saved == 0

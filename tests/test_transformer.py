@@ -1,14 +1,11 @@
 """transformer.py: LayerNorm, attention and MLP keep the least, exactly; ViT and BERT-style nets."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 
-import trady_triton as tt
-from helpers import check_exact_conversion
-from trady_triton.convert import swap_modules
+from helpers import check_exact_conversion, swapped_and_plain
+from trady_triton.accounting import plain_and_converted_bytes
 from trady_triton.models.transformer_blocks import MLP, Attention
 from trady_triton.models.transformers import BertEncoder, VisionTransformer
 
@@ -24,20 +21,10 @@ def _frozen(module):
 
 
 def _compare(module, x0, *args):
-    """Converted vs plain copy of a frozen ``module``: bit-equal dX; converted saved bytes."""
-    plain = copy.deepcopy(module)
-    model = nn.Sequential(module)
-    swap_modules(model)
-    a, b = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
-    with tt.saved_tensor_bytes(model) as saved:
-        y = model[0](a * 1.0, *args)
-    y_ref = plain(b * 1.0, *args)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_ref.backward(dy)
-    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-    return saved.total
+    """Bit-equal dX of a swapped copy of the frozen ``module``; returns the bytes it kept."""
+    grad, grad_plain, saved, _, _ = swapped_and_plain(module, x0, *args)
+    torch.testing.assert_close(grad, grad_plain, rtol=0, atol=0)
+    return saved
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -102,13 +89,6 @@ def test_tiny_transformers_are_exact_and_measured_bytes_equal_the_cost_model(nam
 def test_two_percent_of_full_units_saves_2_2x_below_plain_pytorch(make, x):
     """ViT-Tiny at 224 and the default BERT-style encoder at 128 tokens, float32."""
     torch.manual_seed(0)
-    net = make(num_classes=10).eval()
-    plain = copy.deepcopy(net)
-    with tt.saved_tensor_bytes(plain) as saved_plain:
-        plain(x)
-    controller = tt.convert(net, 0.02, example_input=x, policy="d-fullrandom", seed=0)
-    net.train()
-    with tt.saved_tensor_bytes(net) as saved:
-        net(x)
-    assert saved.total == controller.saved_bytes(2)["total"]
-    assert saved_plain.total >= 2.2 * saved.total
+    plain, trady, modelled = plain_and_converted_bytes(make(num_classes=10), x, 0.02)
+    assert trady == modelled
+    assert plain >= 2.2 * trady

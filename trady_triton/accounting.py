@@ -10,6 +10,8 @@ for the module that saved it first.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -48,3 +50,25 @@ def saved_bytes_by_module(model: nn.Module, *inputs, **kwargs) -> dict[str, int]
         for handle in handles:
             handle.remove()
     return by_module
+
+
+def plain_and_converted_bytes(net: nn.Module, x, keep_ratio: float, seed: int = 0,
+                              policy: str = "d-fullrandom") -> tuple[int, int, int]:
+    """(plain PyTorch, converted measured, converted cost model) bytes kept by ``net(x)``.
+
+    Plain = full fine-tuning of a copy, every parameter trained, in eval mode (BatchNorm
+    keeps its statistics). ``net`` is converted in place and measured in train mode.
+    """
+    from .api import convert
+
+    net.eval()
+    plain = copy.deepcopy(net)
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    with saved_tensor_bytes(plain) as saved_plain:
+        plain(x)
+    controller = convert(net, keep_ratio, example_input=x, policy=policy, seed=seed)
+    net.train()
+    with saved_tensor_bytes(net) as saved:
+        net(x)
+    return saved_plain.total, saved.total, controller.saved_bytes(x.shape[0])["total"]

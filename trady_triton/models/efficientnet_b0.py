@@ -15,17 +15,10 @@ from torch import Tensor
 
 from .blocks import InvertedResidualSE, conv_bn_act
 from .common import init_mobile_weights, make_divisible
+# (expansion, kernel, first stride, out channels, repeats): the paper's Table 1, which
+# EfficientNet-Lite0 keeps
+from .efficientnet_lite import LITE0_BLOCKS as B0_SETTING
 
-# (expansion, kernel, first stride, out channels, repeats): the paper's Table 1
-B0_SETTING = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
-)
 
 
 class EfficientNetB0(nn.Module):
