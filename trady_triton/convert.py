@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import activations as A
+from .conv1d import TraDyConv1d
 from . import layers as L
 from . import pooling as P
 from . import transformer as X
@@ -20,6 +21,7 @@ from .models.transformer_blocks import MLP, Attention
 # Exact types only: a user's subclass may change forward(), so it is left alone.
 SWAPS = {
     nn.Conv2d: L.TraDyConv2d,
+    nn.Conv1d: TraDyConv1d,
     nn.Linear: L.TraDyLinear,
     nn.BatchNorm2d: L.TraDyBatchNorm2d,
     nn.ReLU: L.TraDyReLU,
@@ -64,6 +66,8 @@ def _convertible(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and _symmetric_padding(module) is not None
+    if isinstance(module, nn.Conv1d):
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if isinstance(module, nn.BatchNorm2d):
         return module.track_running_stats
     if isinstance(module, nn.MaxPool2d):

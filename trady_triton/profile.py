@@ -77,7 +77,7 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
         leaf = not any(True for _ in module.children())
         if isinstance(module, _COSTED_CONTAINERS):
             handles.append(module.register_forward_pre_hook(start_hook_for(name)))
-        if leaf or isinstance(module, (nn.Conv2d, nn.Linear, *_COSTED_CONTAINERS,
+        if leaf or isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear, *_COSTED_CONTAINERS,
                                        *_KEEP_THEMSELVES)):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
@@ -102,6 +102,11 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                                     module.groups, tuple(module.kernel_size),
                                     _spatial(x.shape, "conv"), _spatial(y.shape, "conv"),
                                     element_bytes(x.dtype), order, name == classifier))
+        elif isinstance(module, nn.Conv1d) and x is not None:   # costed as a Conv2d of height 1
+            layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
+                                    module.groups, (1, module.kernel_size[0]), tuple(x.shape[-1:]),
+                                    tuple(y.shape[-1:]), element_bytes(x.dtype), order,
+                                    name == classifier))
         elif isinstance(module, nn.Linear) and x is not None:
             layers.append(LayerCost(name, "linear", module.in_features, module.out_features, 1,
                                     (1, 1), _spatial(x.shape, "linear"), _spatial(y.shape, "linear"),
