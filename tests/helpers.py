@@ -73,6 +73,7 @@ def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
     from trady_triton.analysis import selection_masks
 
     net = net.double().eval()
+    net.zero_grad(set_to_none=True)
     plain = copy.deepcopy(net)
     controller = tt.convert(net, keep_ratio, example_input=x, policy="d-fullrandom", seed=seed)
     net.train()

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny shapes; the cores ar
 
 
 class _WithAttentionAndFunctionalCalls(nn.Module):
-    """A user's net: nn.MultiheadAttention (not converted) and an F.elu in its own forward."""
+    """A user's net: nn.MultiheadAttention returning weights (PyTorch path), an F.elu in forward."""
 
     def __init__(self):
         super().__init__()
@@ -41,7 +41,7 @@ def test_per_module_bytes_cover_containers_and_functional_calls_and_sum_to_the_t
     report = controller.report(2, measured_bytes=by_module)
     assert "MultiheadAttention" in report and "functional calls" in report
     mha_row = next(line.split() for line in report.splitlines() if line.startswith("mha "))
-    assert mha_row == ["mha", "MultiheadAttention", str(by_module["mha"]), "not", "modelled"]
+    assert mha_row == ["mha", "TraDyMultiheadAttention", str(by_module["mha"]), "not", "modelled"]
 
 
 def test_per_module_bytes_of_a_converted_vit_equal_the_cost_model_module_by_module():

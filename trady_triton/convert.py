@@ -38,12 +38,14 @@ SWAPS = {
     nn.MaxPool2d: P.TraDyMaxPool2d,
     nn.AvgPool2d: P.TraDyAvgPool2d,
     nn.LayerNorm: X.TraDyLayerNorm,
+    nn.MultiheadAttention: X.TraDyMultiheadAttention,
     Attention: X.TraDyAttention,
     MLP: X.TraDyMLP,
 }
 TRADY_TYPES = tuple(SWAPS.values())
 _ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
-                     "_frozen_cache", "_trady_original_class", "code_bits")
+                     "_frozen_cache", "_trady_original_class", "code_bits",
+                     "took_converted_path")
 
 
 def _symmetric_padding(conv: nn.Conv2d):

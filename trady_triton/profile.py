@@ -113,12 +113,16 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                                     element_bytes(x.dtype), order, name == classifier))
         elif isinstance(module, _ACTIVATIONS) and x is not None:
             masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
+        elif isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path \
+                and x is not None:
+            qkv_per_sample = 3 * x.numel() // x.shape[0 if module.batch_first else 1]
+            masks.append(KeptCost(name, qkv_per_sample, 8 * element_bytes(x.dtype), order))
         elif isinstance(module, _NEW_KINDS) and x is not None:
             masks += _kept_costs(order, name, module, x, y, records, starts)
         elif not isinstance(module, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, *_SAVE_NOTHING)):
-            other.append((name, type(module).__name__))
+            other.append((name, _class_name(module)))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
-            other.append((name, type(module).__name__))
+            other.append((name, _class_name(module)))
     return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
 
 
@@ -153,6 +157,11 @@ def _kept_costs(order, name, module, x, y, records, starts) -> list:
         return [RecomputeCost(name, per_sample, element_bytes(x.dtype), fc1[1], fc1[0],
                               module.fc1.in_features)]
     return [_gate_cost(order, name, module, x, records, starts)]
+
+
+def _class_name(module: nn.Module) -> str:
+    """The user's class name (a swapped module that ran PyTorch's path is listed as such)."""
+    return getattr(module, "_trady_original_class", type(module)).__name__
 
 
 def _layer_taking(records, tensor) -> tuple[str, int] | None:

@@ -136,3 +136,53 @@ class TraDyMLP(MLP):
         if kind is None or not _grad_needed(u):
             return self.fc2(self.act(u))
         return self.fc2(RecomputedActivation.apply(u, x, self.fc1.weight, self.fc1.bias, kind))
+
+
+class TraDyMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention whose self-attention, with frozen projections, keeps only qkv.
+
+    The converted path (projections keep nothing, :class:`AttentionCore` keeps the
+    packed qkv) is taken for self-attention (``query is key is value``) with
+    ``need_weights=False``, frozen projections, no ``bias_k`` / ``add_zero_attn``, no
+    attention dropout in training, and boolean or absent masks; any other call is
+    PyTorch's own (and is then listed as not converted). ``took_converted_path`` tells
+    which one the last call took (the profile reads it).
+    """
+
+    def _trady_setup(self) -> None:
+        self.took_converted_path = False
+
+    def _converted_path_applies(self, query, key, value, key_padding_mask, need_weights,
+                                attn_mask, is_causal) -> bool:
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        masks = [m for m in (key_padding_mask, attn_mask) if m is not None]
+        return (query is key is value and not need_weights and not is_causal
+                and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+                and (self.dropout == 0.0 or not self.training) and query.dim() == 3
+                and not any(p is not None and p.requires_grad for p in params)
+                and all(m.dtype == torch.bool for m in masks)
+                and (attn_mask is None or attn_mask.dim() == 2))
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        self.took_converted_path = self._converted_path_applies(
+            query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if not (self.took_converted_path and _grad_needed(query)):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        from .autograd import FrozenLinear
+        x = query if self.batch_first else query.transpose(0, 1)
+        qkv = FrozenLinear.apply(x, self.in_proj_weight, self.in_proj_bias)
+        o = AttentionCore.apply(qkv, self.num_heads, _sdpa_mask(key_padding_mask, attn_mask))
+        out = FrozenLinear.apply(o, self.out_proj.weight, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _sdpa_mask(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """MHA's boolean masks (True = masked out) as one SDPA mask (True = attends)."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = ~key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+    return allowed
