@@ -1,5 +1,6 @@
 """activations.py: exact gradients, and only what each exact backward needs is kept."""
 
+import copy
 import math
 
 import pytest
@@ -117,3 +118,22 @@ def test_gate_multiply_recomputes_x_only_from_a_kept_input(activation, scale_act
     squeeze = 2 * 6 * 8 + 1 + 2 * 3 * 8     # fc1 input, ReLU mask, fc2 input
     gate = 2 * 6 * 8 + (2 if scale_activation is nn.Hardsigmoid else 0)   # + its mask
     assert saved == first + squeeze + gate
+
+
+def test_gate_multiply_keeps_x_itself_when_x_changed_after_its_activation():
+    torch.manual_seed(5)
+    se = SqueezeExcitation(6, 3, scale_activation=nn.Sigmoid).double()
+    model = _converted(nn.SiLU(), se)
+    x = _inputs((2, 6, 5, 7)).requires_grad_(True)
+    with tt.saved_tensor_bytes(model) as saved:
+        y = model[0](x * 1.0)
+        y.mul_(2.0)                     # x of the gate is no longer silu(kept input)
+        out = model[1](y)
+    out.backward(torch.ones_like(out))
+    x_ref = x.detach().clone().requires_grad_(True)
+    plain = copy.deepcopy(se)
+    for p in plain.parameters():
+        p.grad = None
+    plain(torch.nn.functional.silu(x_ref) * 2.0).backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-13, atol=1e-13)
+    assert saved.total >= 2 * x.numel() * 8   # the SiLU input and the gate's own x

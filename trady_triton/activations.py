@@ -22,6 +22,8 @@ be overwritten.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -46,9 +48,9 @@ _OUTPUT_KINDS = {
     "tanh": (torch.tanh, torch.ops.aten.tanh_backward),
 }
 
-# output of a SavedInput activation -> (its version, kind, the input it kept): lets
-# GateMultiply recompute the output instead of keeping it again. Weak keys: an
-# output nobody holds any more drops its entry.
+# output of a SavedInput activation -> (its version, kind, weak reference to the input it
+# kept): lets GateMultiply recompute the output instead of keeping it again. Weak on both
+# sides: the entry holds no memory alive (the graph holds the input while it is needed).
 _RECOMPUTABLE = WeakIdKeyDictionary()
 
 
@@ -154,7 +156,7 @@ def saved_input_activation(x: Tensor, kind: str) -> Tensor:
     if not _grad_needed(x):
         return _INPUT_KINDS[kind][0](x)
     y = SavedInput.apply(x, kind)
-    _RECOMPUTABLE[y] = (y._version, kind, x)
+    _RECOMPUTABLE[y] = (y._version, kind, weakref.ref(x))
     return y
 
 
@@ -163,8 +165,9 @@ def gate_multiply(x: Tensor, gate: Tensor) -> Tensor:
     if not _grad_needed(x, gate):
         return x * gate
     entry = _RECOMPUTABLE.get(x)
-    if entry is not None and entry[0] == x._version:
-        return GateMultiply.apply(x, gate, entry[2], entry[1])
+    source = entry[2]() if entry is not None and entry[0] == x._version else None
+    if source is not None:   # x unchanged since its activation made it from ``source``
+        return GateMultiply.apply(x, gate, source, entry[1])
     return GateMultiply.apply(x, gate, None, None)
 
 
