@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .compressed import DerivativeCodes
 from .models.blocks import SqueezeExcitation
 from .reference import pack_mask, relu_backward_mask, unpack_mask
 
@@ -151,10 +152,15 @@ def _grad_needed(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def saved_input_activation(x: Tensor, kind: str) -> Tensor:
-    """Apply activation ``kind`` (a key of ``_INPUT_KINDS``), keeping x only on the backward path."""
+def saved_input_activation(x: Tensor, kind: str, bits: int | None = None) -> Tensor:
+    """Apply activation ``kind`` (a key of ``_INPUT_KINDS``), keeping x only on the backward path.
+
+    With ``bits`` (compressed mode) it keeps a ``bits``-bit derivative code instead.
+    """
     if not _grad_needed(x):
         return _INPUT_KINDS[kind][0](x)
+    if bits is not None:
+        return DerivativeCodes.apply(x, *_INPUT_KINDS[kind], kind, bits)
     y = SavedInput.apply(x, kind)
     _RECOMPUTABLE[y] = (y._version, kind, weakref.ref(x))
     return y
@@ -179,19 +185,31 @@ class _Swapped:
         pass
 
 
-class TraDySiLU(_Swapped, nn.SiLU):
+class _SavedInputModule(_Swapped):
+    """SiLU / GELU / Hardswish; ``backward_bits`` (set by convert()) selects compressed mode."""
+
+    backward_bits: int | None = None
+
+    def activation_kind(self) -> str:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        return saved_input_activation(x, "silu")
+        return saved_input_activation(x, self.activation_kind(), self.backward_bits)
 
 
-class TraDyHardswish(_Swapped, nn.Hardswish):
-    def forward(self, x: Tensor) -> Tensor:
-        return saved_input_activation(x, "hardswish")
+class TraDySiLU(_SavedInputModule, nn.SiLU):
+    def activation_kind(self) -> str:
+        return "silu"
 
 
-class TraDyGELU(_Swapped, nn.GELU):
-    def forward(self, x: Tensor) -> Tensor:
-        return saved_input_activation(x, "gelu" if self.approximate == "none" else "gelu-tanh")
+class TraDyHardswish(_SavedInputModule, nn.Hardswish):
+    def activation_kind(self) -> str:
+        return "hardswish"
+
+
+class TraDyGELU(_SavedInputModule, nn.GELU):
+    def activation_kind(self) -> str:
+        return "gelu" if self.approximate == "none" else "gelu-tanh"
 
 
 class _SavedOutputModule(_Swapped):

@@ -45,7 +45,7 @@ SWAPS = {
 TRADY_TYPES = tuple(SWAPS.values())
 _ADDED_ATTRIBUTES = ("_fused_input", "_fused_output", "_fuse_with", "freeze_stats",
                      "_frozen_cache", "_trady_original_class", "code_bits",
-                     "took_converted_path")
+                     "took_converted_path", "backward_bits")
 
 
 def _symmetric_padding(conv: nn.Conv2d):

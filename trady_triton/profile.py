@@ -140,6 +140,8 @@ def _kept_costs(order, name, module, x, y, records, starts) -> list:
         return [MaskCost(name, per_sample, order)] if 0.0 < module.p < 1.0 else []
     if isinstance(module, P.TraDyMaxPool2d):
         return [KeptCost(name, math.prod(y.shape[1:]), module.code_bits, order)]
+    if isinstance(module, _KEEP_INPUT) and module.backward_bits is not None:   # derivative codes
+        return [KeptCost(name, per_sample, module.backward_bits, order)]
     if isinstance(module, _KEEP_INPUT):
         return [KeptCost(name, per_sample, bits, order, _layer_taking(records, x))]
     if isinstance(module, _KEEP_OUTPUT):
@@ -178,7 +180,9 @@ def _record(records, name):
 
 def _gate_cost(order, name, module, x, records, starts) -> GateCost:
     producer = next((r for r in records if r[4] is x), None)
-    source = producer[0] if producer is not None and isinstance(producer[2], _KEEP_INPUT) else None
+    keeps_input = producer is not None and isinstance(producer[2], _KEEP_INPUT) \
+        and producer[2].backward_bits is None
+    source = producer[0] if keeps_input else None
     return GateCost(name, math.prod(x.shape[1:]), x.shape[1], element_bytes(x.dtype),
                     starts[name], order, source,
                     isinstance(module.scale_activation, _KEEP_OUTPUT))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import cost as C
+from .compressed import backward_bits_of
 
 
 def _mib(nbytes: float) -> str:
@@ -46,6 +47,10 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         f"full fine-tuning keeps at least {_mib(C.full_finetune_saved_bytes_estimate(layers, batch))}"
         " of conv/linear inputs alone",
     ]
+    bits = backward_bits_of(controller.model)
+    lines.append("backward: exact" if bits is None else
+                 f"backward: compressed, SiLU/GELU/Hardswish keep {bits}-bit derivative codes "
+                 "(stochastic rounding, unbiased); everything else exact")
     if isinstance(measured_bytes, dict):
         lines += _per_module_lines(controller, batch, measured_bytes)
     elif measured_bytes is not None:

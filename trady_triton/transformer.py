@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from .activations import _INPUT_KINDS, TraDyGELU, TraDyHardswish, TraDySiLU
+from .activations import _INPUT_KINDS, _SavedInputModule
 from .models.transformer_blocks import MLP, Attention, attention_core
 
 
@@ -115,20 +115,21 @@ class TraDyAttention(Attention):
         return self.proj(AttentionCore.apply(qkv, self.heads, mask))
 
 
-_RECOMPUTABLE_KINDS = {TraDySiLU: lambda m: "silu", TraDyHardswish: lambda m: "hardswish",
-                       TraDyGELU: lambda m: "gelu" if m.approximate == "none" else "gelu-tanh"}
-
-
 class TraDyMLP(MLP):
-    """MLP whose activation keeps fc1's input, not its output (see :class:`RecomputedActivation`)."""
+    """MLP whose activation keeps fc1's input, not its output (see :class:`RecomputedActivation`).
+
+    In compressed mode (the activation's ``backward_bits`` set) the activation keeps its
+    k-bit derivative codes instead (:mod:`trady_triton.compressed`).
+    """
 
     def _trady_setup(self) -> None:
         pass
 
     def activation_kind(self) -> str | None:
         """The kind recomputed from fc1's input, or None when the activation runs itself."""
-        kind = _RECOMPUTABLE_KINDS.get(type(self.act))
-        return None if kind is None else kind(self.act)
+        if not isinstance(self.act, _SavedInputModule) or self.act.backward_bits is not None:
+            return None
+        return self.act.activation_kind()
 
     def forward(self, x: Tensor) -> Tensor:
         u = self.fc1(x)
