@@ -53,11 +53,13 @@ def saved_bytes_by_module(model: nn.Module, *inputs, **kwargs) -> dict[str, int]
 
 
 def plain_and_converted_bytes(net: nn.Module, x, keep_ratio: float, seed: int = 0,
-                              policy: str = "d-fullrandom") -> tuple[int, int, int]:
+                              policy: str = "d-fullrandom", **convert_options
+                              ) -> tuple[int, int, int]:
     """(plain PyTorch, converted measured, converted cost model) bytes kept by ``net(x)``.
 
     Plain = full fine-tuning of a copy, every parameter trained, in eval mode (BatchNorm
-    keeps its statistics). ``net`` is converted in place and measured in train mode.
+    keeps its statistics). ``net`` is converted in place (``convert_options`` passed on,
+    e.g. ``backward_bits``) and measured in train mode.
     """
     from .api import convert
 
@@ -67,7 +69,8 @@ def plain_and_converted_bytes(net: nn.Module, x, keep_ratio: float, seed: int = 
         p.requires_grad_(True)
     with saved_tensor_bytes(plain) as saved_plain:
         plain(x)
-    controller = convert(net, keep_ratio, example_input=x, policy=policy, seed=seed)
+    controller = convert(net, keep_ratio, example_input=x, policy=policy, seed=seed,
+                         **convert_options)
     net.train()
     with saved_tensor_bytes(net) as saved:
         net(x)
