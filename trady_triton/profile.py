@@ -53,10 +53,9 @@ def _spatial(shape: torch.Size, kind: str) -> tuple[int, ...]:
     return tuple(shape[2:]) if kind == "conv" else tuple(shape[1:-1])
 
 
-def profile_model(model: nn.Module, example_input, classifier: str | None = "auto") -> Profile:
-    """Run ``model(example_input)`` once under no_grad, recording what the cost model needs."""
-    if classifier == "auto":
-        classifier = find_classifier(model)
+def _record_forward(model: nn.Module, example_input):
+    """One no_grad forward; (records, starts): each hooked module's (order, name, module,
+    first input, output), and the entry position of each costed container."""
     records = []   # (order, name, module, input tensor, output tensor)
     starts = {}    # name -> position at entry, for the costed containers
     handles = []
@@ -89,6 +88,14 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    return records, starts
+
+
+def profile_model(model: nn.Module, example_input, classifier: str | None = "auto") -> Profile:
+    """Run ``model(example_input)`` once under no_grad, recording what the cost model needs."""
+    if classifier == "auto":
+        classifier = find_classifier(model)
+    records, starts = _record_forward(model, example_input)
 
     layers, masks, other = [], [], []
     seen = {f"{n}.act" for n, m in model.named_modules()   # run inside RecomputedActivation
