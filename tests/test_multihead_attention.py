@@ -58,3 +58,11 @@ def test_attention_weights_requested_stay_pytorch_and_are_reported():
     by_module = tt.saved_bytes_by_module(net, x)
     assert by_module["mha"] > 0
     assert "not modelled" in controller.report(2, measured_bytes=by_module)
+
+
+def test_revert_gives_back_plain_multihead_attention():
+    net = _Encoder()
+    controller = tt.convert(net, 0.3, example_input=torch.randn(2, 7, 6))
+    assert type(net.mha).__name__ == "TraDyMultiheadAttention"
+    tt.revert(controller)
+    assert type(net.mha) is nn.MultiheadAttention and not hasattr(net.mha, "took_converted_path")

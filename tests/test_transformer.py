@@ -92,3 +92,16 @@ def test_two_percent_of_full_units_saves_2_2x_below_plain_pytorch(make, x):
     plain, trady, modelled = plain_and_converted_bytes(make(num_classes=10), x, 0.02)
     assert trady == modelled
     assert plain >= 2.2 * trady
+
+
+def test_convert_keeps_state_dict_keys_and_revert_restores_the_plain_modules():
+    import trady_triton as tt
+    torch.manual_seed(3)
+    net = TINY["bert"][0]()
+    types, state = [type(m) for m in net.modules()], net.state_dict()
+    controller = tt.convert(net, 0.1, example_input=TINY["bert"][1]())
+    assert type(net.blocks[0].attn).__name__ == "TraDyAttention"
+    assert list(net.state_dict()) == list(state)
+    tt.revert(controller)
+    assert [type(m) for m in net.modules()] == types
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
