@@ -148,3 +148,31 @@ def test_gradgradcheck_on_a_converted_net_raises_the_clear_error_and_gradcheck_p
     with pytest.raises(RuntimeError, match=SECOND_ORDER):   # a gradient penalty on the weights
         grad_x, = torch.autograd.grad(net(x).logsumexp(1).sum(), x, create_graph=True)
         grad_x.square().sum().backward()
+
+
+
+def _modern_net(name):
+    from trady_triton.models.efficientnet_b0 import EfficientNetB0
+    from trady_triton.models.mobilenetv3 import MobileNetV3Small
+    from trady_triton.models.transformers import VisionTransformer
+    if name == "mobilenetv3-small":
+        return MobileNetV3Small(num_classes=5, width_mult=0.25), (2, 3, 33, 31)
+    if name == "efficientnet-b0":
+        return EfficientNetB0(num_classes=5, width_mult=0.25, depth_mult=0.34), (2, 3, 33, 31)
+    return VisionTransformer(num_classes=5, image_size=20, patch=4, dim=12, depth=2, heads=3,
+                             mlp_ratio=2), (2, 3, 20, 20)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3-small", "efficientnet-b0", "vit"])
+def test_double_backward_through_converted_modern_nets_raises_naming_a_layer(name):
+    """The modules of the modern architectures (SiLU, Hardswish, SE, LayerNorm, attention, ...)
+    refuse create_graph=True too, instead of giving wrong second derivatives."""
+    torch.manual_seed(0)
+    net, shape = _modern_net(name)
+    net = net.double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    tt.convert(net, 0.05, example_input=x.detach())
+    loss = net(x).square().sum()
+    with pytest.raises(RuntimeError, match=SECOND_ORDER) as err:
+        torch.autograd.grad(loss, x, create_graph=True)
+    assert "TraDy" in str(err.value)

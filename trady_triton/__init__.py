@@ -6,6 +6,7 @@
         ...train one epoch as usual...
 """
 
+from .accounting import saved_bytes_by_module
 from .api import convert, revert
 from .controller import TraDyController
 from .cost import LayerCost, selection_stats
@@ -16,7 +17,7 @@ from .sampling import POLICY_NAMES
 
 __all__ = [
     "convert", "revert", "TraDyController", "LayerCost", "selection_stats", "backend",
-    "get_backend", "set_backend", "saved_tensor_bytes", "LayerRanking", "load_ranking",
+    "get_backend", "set_backend", "saved_tensor_bytes", "saved_bytes_by_module", "LayerRanking", "load_ranking",
     "rank_layers", "save_ranking", "POLICY_NAMES",
 ]
 __version__ = "0.1.0"

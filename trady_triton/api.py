@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .compressed import check_backward_bits, set_backward_bits
 from .controller import TraDyController
 from .convert import swap_modules, unswap_modules
 from .profile import find_classifier
@@ -60,7 +61,7 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
             budget_bytes: int | None = None, example_input=None, policy: str = "d-topk",
             ranking=None, coverage: float = DEFAULT_COVERAGE, seed: int = 0,
             freeze_bn_stats: bool = True, classifier: str | None = "auto",
-            arch: str | None = None) -> TraDyController:
+            arch: str | None = None, backward_bits: int | None = None) -> TraDyController:
     """Make ``model`` train only a budgeted, re-drawn set of input channels.
 
     Swaps, in place on this instance, every Conv2d / Linear / BatchNorm2d /
@@ -95,7 +96,11 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
             (like FrozenBatchNorm2d); False keeps PyTorch's train-mode BN.
         classifier: name of the layer trained in full; "auto" = the last
             nn.Linear; None = no classifier.
+        backward_bits: None (exact, the default), or 8 / 4 / 2: SiLU, GELU and
+            Hardswish keep a stochastically rounded k-bit code of their derivative
+            (unbiased gradients; see :mod:`trady_triton.compressed`).
     """
+    check_backward_bits(backward_bits)
     chosen = get_policy(policy)
     _check_budget(keep_ratio, budget_units, budget_bytes, chosen.pool)
     if not isinstance(model, nn.Module):
@@ -109,6 +114,7 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
     snapshot, user_flags = ModelSnapshot(model), UserFlags(model)
     try:
         modules = swap_modules(model, freeze_stats=freeze_bn_stats)
+        set_backward_bits(model, backward_bits)
         trainable = [m for n, m in modules.items()
                      if hasattr(m, "selected_channels") and n != classifier]
         if not trainable:

@@ -18,16 +18,37 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from . import activations as A
+from .conv1d import TraDyConv1d
 from . import layers as L
+from . import pooling as P
+from . import transformer as X
+from .models.blocks import SqueezeExcitation
+from .models.transformer_blocks import MLP, Attention
 
 # Exact types only: a user's subclass may change forward(), so it is left alone.
 SWAPS = {
     nn.Conv2d: L.TraDyConv2d,
+    nn.Conv1d: TraDyConv1d,
     nn.Linear: L.TraDyLinear,
     nn.BatchNorm2d: L.TraDyBatchNorm2d,
     nn.ReLU: L.TraDyReLU,
     nn.ReLU6: L.TraDyReLU6,
     nn.AdaptiveAvgPool2d: L.TraDyAdaptiveAvgPool2d,
+    nn.SiLU: A.TraDySiLU,
+    nn.Hardswish: A.TraDyHardswish,
+    nn.GELU: A.TraDyGELU,
+    nn.Sigmoid: A.TraDySigmoid,
+    nn.Tanh: A.TraDyTanh,
+    nn.Hardsigmoid: A.TraDyHardsigmoid,
+    nn.Dropout: A.TraDyDropout,
+    SqueezeExcitation: A.TraDySqueezeExcitation,
+    nn.MaxPool2d: P.TraDyMaxPool2d,
+    nn.AvgPool2d: P.TraDyAvgPool2d,
+    nn.LayerNorm: X.TraDyLayerNorm,
+    nn.MultiheadAttention: X.TraDyMultiheadAttention,
+    Attention: X.TraDyAttention,
+    MLP: X.TraDyMLP,
 }
 TRADY_TYPES = tuple(SWAPS.values())
 
@@ -69,8 +90,13 @@ def _convertible(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and _symmetric_padding(module) is not None
+    if isinstance(module, nn.Conv1d):
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
     if isinstance(module, nn.BatchNorm2d):
         return module.track_running_stats
+    if isinstance(module, nn.MaxPool2d):
+        kernel = P.max_pool_geometry(module)[0]
+        return not module.return_indices and P.code_bits(kernel[0] * kernel[1]) is not None
     return True
 
 

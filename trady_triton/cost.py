@@ -81,8 +81,94 @@ class MaskCost:
     numel_per_sample: int
     order: int
 
+    category = "masks"
+
     def bytes_for(self, batch: int) -> int:
         return math.ceil(batch * self.numel_per_sample / 8)
+
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
+        return self.bytes_for(batch) if self.order > first_trained else 0
+
+
+@dataclass(frozen=True)
+class KeptCost:
+    """A module keeping ``bits`` bits per element of a tensor when it runs on the backward path.
+
+    E.g. SiLU / GELU / Hardswish keep their input, Sigmoid / Tanh their output (bits =
+    8 x element size), MaxPool2d a window code per output element (1-8 bits), LayerNorm
+    its input and per-row statistics, an attention core its packed qkv. ``order`` may be
+    fractional: an attention core runs between its qkv and output projections.
+    """
+
+    name: str
+    numel_per_sample: int
+    bits: int
+    order: int
+    # (layer, its input channels): a conv/linear taking the kept tensor as input; trained
+    # on every channel it keeps the same storage, which its own entry counts
+    shared_with: tuple[str, int] | None = None
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
+        if self.order <= first_trained:
+            return 0
+        if self.shared_with is not None and counts.get(self.shared_with[0]) == self.shared_with[1]:
+            return 0
+        return math.ceil(batch * self.numel_per_sample * self.bits / 8)
+
+
+@dataclass(frozen=True)
+class GateCost:
+    """Squeeze-excitation ``x * gate``: keeps the gate when x needs a gradient, and x when
+    the gate does, unless x is recomputed from the input its activation keeps anyway.
+
+    ``start`` / ``order``: execution positions at the module's entry and exit; x needs a
+    gradient when a trained layer ran before ``start``, the gate when one ran before
+    ``order``. ``source_order``: position of the activation whose kept input recomputes x
+    (None: x is kept itself). ``gate_kept_elsewhere``: the gate is a Sigmoid's output,
+    which that Sigmoid keeps (one storage, counted there).
+    """
+
+    name: str
+    x_numel_per_sample: int
+    gate_numel_per_sample: int
+    element_bytes: int
+    start: int
+    order: int
+    source_order: int | None
+    gate_kept_elsewhere: bool
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
+        total = 0
+        if self.start > first_trained and not self.gate_kept_elsewhere:
+            total += batch * self.gate_numel_per_sample * self.element_bytes
+        recomputed = self.source_order is not None and self.source_order > first_trained
+        if self.order > first_trained and not recomputed:
+            total += batch * self.x_numel_per_sample * self.element_bytes
+        return total
+
+
+@dataclass(frozen=True)
+class RecomputeCost:
+    """A transformer MLP whose activation keeps fc1's input ``x`` (not fc1's output).
+
+    Kept when fc1's output needs a gradient (a trained layer ran at or before fc1),
+    unless fc1 is trained on every input feature: it then keeps the same ``x``.
+    """
+
+    name: str
+    numel_per_sample: int
+    element_bytes: int
+    fc1: str
+    fc1_order: int
+    fc1_in_features: int
+    category = "kept"
+
+    def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
+        if self.fc1_order < first_trained or counts.get(self.fc1) == self.fc1_in_features:
+            return 0
+        return batch * self.numel_per_sample * self.element_bytes
 
 
 def full_units(layers: list[LayerCost]) -> int:
@@ -132,25 +218,47 @@ def selection_stats(layers: list[LayerCost], counts: dict[str, int],
     )
 
 
-def saved_bytes_for_backward(layers: list[LayerCost], masks: list[MaskCost],
+def saved_bytes_for_backward(layers: list[LayerCost], masks: list,
                              counts: dict[str, int], batch: int) -> dict[str, int]:
     """Analytic bytes that a converted model saves for backward, per component.
 
     Trained layers save ``batch * K * CA_c`` elements of their compact input;
-    every ReLU/ReLU6 executed after the earliest trained layer keeps a 1-bit
-    mask; frozen layers, frozen BatchNorm, pooling and residual adds save none.
-    (Unconverted modules on the backward path are not modelled: measure them.)
+    every ReLU/ReLU6/Hardsigmoid/Dropout executed after the earliest trained layer
+    keeps a 1-bit mask (``masks``: :class:`MaskCost`), the other converted modules what
+    their :class:`KeptCost` / :class:`GateCost` say (``kept``); frozen layers, frozen
+    BatchNorm, average pooling and residual adds save none. (Unconverted modules on the
+    backward path are not modelled: measure them, ``saved_bytes_by_module``.)
     """
+    per_module = saved_bytes_per_module(layers, masks, counts, batch)
+    heads = {l.name for l in layers if l.is_classifier}
+    layer_names = {l.name for l in layers}
+    categories = {m.name: m.category for m in masks}
+    totals = {"activations": 0, "classifier": 0, "masks": 0, "kept": 0}
+    for name, nbytes in per_module.items():
+        if name in heads:
+            totals["classifier"] += nbytes
+        elif name in layer_names:
+            totals["activations"] += nbytes
+        else:
+            totals[categories[name]] += nbytes
+    totals["total"] = sum(totals.values())
+    return totals
+
+
+def saved_bytes_per_module(layers: list[LayerCost], masks: list, counts: dict[str, int],
+                           batch: int) -> dict[str, int]:
+    """Analytic bytes kept for backward, per module name (modules keeping nothing left out)."""
     trained = [l for l in layers if counts.get(l.name, 0) > 0]
     if not trained:
-        return {"activations": 0, "classifier": 0, "masks": 0, "total": 0}
+        return {}
     first = min(l.order for l in trained)
-    act = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
-              for l in trained if not l.is_classifier)
-    head = sum(batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
-               for l in trained if l.is_classifier)
-    mask = sum(m.bytes_for(batch) for m in masks if m.order > first)
-    return {"activations": act, "classifier": head, "masks": mask, "total": act + head + mask}
+    per_module = {l.name: batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
+                  for l in trained}
+    for entry in masks:
+        nbytes = entry.saved_bytes(batch, first, counts)
+        if nbytes:
+            per_module[entry.name] = per_module.get(entry.name, 0) + nbytes
+    return per_module
 
 
 def full_finetune_saved_bytes_estimate(layers: list[LayerCost], batch: int) -> int:

@@ -18,7 +18,7 @@ class SavedBytes:
 
 
 @contextlib.contextmanager
-def saved_tensor_bytes(model: nn.Module | None = None):
+def saved_tensor_bytes(model: nn.Module | None = None, on_new_storage=None):
     """Count bytes of the unique storages autograd saves inside the block.
 
     Storages of ``model``'s parameters and buffers are excluded: they are
@@ -27,6 +27,9 @@ def saved_tensor_bytes(model: nn.Module | None = None):
         with saved_tensor_bytes(model) as saved:
             loss = criterion(model(x), y)
         print(saved.total)
+
+    ``on_new_storage(nbytes)``, when given, is called for each storage counted (as it is
+    saved: :func:`trady_triton.accounting.saved_bytes_by_module` attributes it).
     """
     resident = set()
     if model is not None:
@@ -40,6 +43,8 @@ def saved_tensor_bytes(model: nn.Module | None = None):
         if pointer and pointer not in resident and pointer not in result.storages:
             result.storages[pointer] = storage.nbytes()
             result.total += storage.nbytes()
+            if on_new_storage is not None:
+                on_new_storage(storage.nbytes())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

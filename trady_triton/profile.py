@@ -14,17 +14,27 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .cost import LayerCost, MaskCost, element_bytes
+from . import activations as A
+from . import pooling as P
+from . import transformer as X
+from .cost import GateCost, KeptCost, LayerCost, MaskCost, RecomputeCost, element_bytes
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 # Leaf modules whose backward needs no saved tensor: not "unsupported".
-_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten)
+# (nn.Embedding: frozen by convert(), and its integer input needs no gradient)
+_SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding, P.TraDyAvgPool2d)
+_KEEP_INPUT = (A.TraDySiLU, A.TraDyHardswish, A.TraDyGELU)
+_KEEP_OUTPUT = (A.TraDySigmoid, A.TraDyTanh)
+# containers that are costed themselves (their forward does more than call children)
+_COSTED_CONTAINERS = (A.TraDySqueezeExcitation, X.TraDyAttention, X.TraDyMLP)
+# containers not converted whose own forward keeps tensors (functional calls): listed
+_KEEP_THEMSELVES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @dataclass
 class Profile:
     layers: list[LayerCost]
-    masks: list[MaskCost]
+    masks: list                                # MaskCost / KeptCost / GateCost entries
     fusions: list[tuple[str, str, str]]        # (batchnorm, activation, consumer) names
     other_modules: list[tuple[str, str]]       # (name, class) of leaves we do not convert
     calls: list[str] = field(default_factory=list)
@@ -43,11 +53,11 @@ def _spatial(shape: torch.Size, kind: str) -> tuple[int, ...]:
     return tuple(shape[2:]) if kind == "conv" else tuple(shape[1:-1])
 
 
-def profile_model(model: nn.Module, example_input, classifier: str | None = "auto") -> Profile:
-    """Run ``model(example_input)`` once under no_grad, recording what the cost model needs."""
-    if classifier == "auto":
-        classifier = find_classifier(model)
+def _record_forward(model: nn.Module, example_input):
+    """One no_grad forward; (records, starts): each hooked module's (order, name, module,
+    first input, output), and the entry position of each costed container."""
     records = []   # (order, name, module, input tensor, output tensor)
+    starts = {}    # name -> position at entry, for the costed containers
     handles = []
 
     def hook_for(name):
@@ -57,9 +67,17 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                             output if isinstance(output, torch.Tensor) else None))
         return hook
 
+    def start_hook_for(name):
+        def hook(module, inputs):
+            starts.setdefault(name, len(records))
+        return hook
+
     for name, module in model.named_modules():
         leaf = not any(True for _ in module.children())
-        if leaf or isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, _COSTED_CONTAINERS):
+            handles.append(module.register_forward_pre_hook(start_hook_for(name)))
+        if leaf or isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear, *_COSTED_CONTAINERS,
+                                       *_KEEP_THEMSELVES)):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     try:
@@ -70,8 +88,18 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    return records, starts
 
-    layers, masks, other, seen = [], [], [], set()
+
+def profile_model(model: nn.Module, example_input, classifier: str | None = "auto") -> Profile:
+    """Run ``model(example_input)`` once under no_grad, recording what the cost model needs."""
+    if classifier == "auto":
+        classifier = find_classifier(model)
+    records, starts = _record_forward(model, example_input)
+
+    layers, masks, other = [], [], []
+    seen = {f"{n}.act" for n, m in model.named_modules()   # run inside RecomputedActivation
+            if isinstance(m, X.TraDyMLP) and m.activation_kind()}
     for order, name, module, x, y in records:
         if name in seen:
             continue    # a module called twice is costed at its first call
@@ -81,17 +109,91 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
                                     module.groups, tuple(module.kernel_size),
                                     _spatial(x.shape, "conv"), _spatial(y.shape, "conv"),
                                     element_bytes(x.dtype), order, name == classifier))
+        elif isinstance(module, nn.Conv1d) and x is not None:   # costed as a Conv2d of height 1
+            layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
+                                    module.groups, (1, module.kernel_size[0]), tuple(x.shape[-1:]),
+                                    tuple(y.shape[-1:]), element_bytes(x.dtype), order,
+                                    name == classifier))
         elif isinstance(module, nn.Linear) and x is not None:
             layers.append(LayerCost(name, "linear", module.in_features, module.out_features, 1,
                                     (1, 1), _spatial(x.shape, "linear"), _spatial(y.shape, "linear"),
                                     element_bytes(x.dtype), order, name == classifier))
         elif isinstance(module, _ACTIVATIONS) and x is not None:
             masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
+        elif isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path \
+                and x is not None:
+            qkv_per_sample = 3 * x.numel() // x.shape[0 if module.batch_first else 1]
+            masks.append(KeptCost(name, qkv_per_sample, 8 * element_bytes(x.dtype), order))
+        elif isinstance(module, _NEW_KINDS) and x is not None:
+            masks += _kept_costs(order, name, module, x, y, records, starts)
         elif not isinstance(module, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, *_SAVE_NOTHING)):
-            other.append((name, type(module).__name__))
+            other.append((name, _class_name(module)))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
-            other.append((name, type(module).__name__))
+            other.append((name, _class_name(module)))
     return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
+
+
+_NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, X.TraDyLayerNorm,
+              *_KEEP_INPUT, *_KEEP_OUTPUT, *_COSTED_CONTAINERS)
+
+
+def _kept_costs(order, name, module, x, y, records, starts) -> list:
+    """Cost entries of one converted module of activations.py / pooling.py."""
+    per_sample = math.prod(x.shape[1:])
+    bits = 8 * element_bytes(x.dtype)
+    if isinstance(module, A.TraDyHardsigmoid):
+        return [MaskCost(name, per_sample, order)]
+    if isinstance(module, A.TraDyDropout):   # costed as in training; in eval it keeps nothing
+        return [MaskCost(name, per_sample, order)] if 0.0 < module.p < 1.0 else []
+    if isinstance(module, P.TraDyMaxPool2d):
+        return [KeptCost(name, math.prod(y.shape[1:]), module.code_bits, order)]
+    if isinstance(module, _KEEP_INPUT) and module.backward_bits is not None:   # derivative codes
+        return [KeptCost(name, per_sample, module.backward_bits, order)]
+    if isinstance(module, _KEEP_INPUT):
+        return [KeptCost(name, per_sample, bits, order, _layer_taking(records, x))]
+    if isinstance(module, _KEEP_OUTPUT):
+        return [KeptCost(name, math.prod(y.shape[1:]), bits, order, _layer_taking(records, y))]
+    if isinstance(module, X.TraDyLayerNorm):   # + mean and 1/std per normalised row
+        rows = per_sample // math.prod(module.normalized_shape)
+        return [KeptCost(name, per_sample + 2 * rows, bits, order)]
+    if isinstance(module, X.TraDyAttention):   # the core runs just after qkv
+        qkv = _record(records, f"{name}.qkv")
+        return [KeptCost(name, math.prod(qkv[4].shape[1:]), bits, qkv[0] + 0.5)]
+    if isinstance(module, X.TraDyMLP):
+        if module.activation_kind() is None:
+            return []
+        fc1 = _record(records, f"{name}.fc1")
+        return [RecomputeCost(name, per_sample, element_bytes(x.dtype), fc1[1], fc1[0],
+                              module.fc1.in_features)]
+    return [_gate_cost(order, name, module, x, records, starts)]
+
+
+def _class_name(module: nn.Module) -> str:
+    """The user's class name (a swapped module that ran PyTorch's path is listed as such)."""
+    origin = getattr(module, "_trady_origin", None)   # set by convert.swap_modules
+    return (type(module) if origin is None else origin.cls).__name__
+
+
+def _layer_taking(records, tensor) -> tuple[str, int] | None:
+    """(name, input channels) of the first conv/linear whose input is ``tensor``."""
+    for _, name, module, x, _ in records:
+        if x is tensor and isinstance(module, (nn.Conv2d, nn.Linear)):
+            return name, module.weight.shape[1] * getattr(module, "groups", 1)
+    return None
+
+
+def _record(records, name):
+    return next(r for r in records if r[1] == name)
+
+
+def _gate_cost(order, name, module, x, records, starts) -> GateCost:
+    producer = next((r for r in records if r[4] is x), None)
+    keeps_input = producer is not None and isinstance(producer[2], _KEEP_INPUT) \
+        and producer[2].backward_bits is None
+    source = producer[0] if keeps_input else None
+    return GateCost(name, math.prod(x.shape[1:]), x.shape[1], element_bytes(x.dtype),
+                    starts[name], order, source,
+                    isinstance(module.scale_activation, _KEEP_OUTPUT))
 
 
 def _find_fusions(records) -> list[tuple[str, str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import cost as C
 from .tables import mib, text_table
+from .compressed import backward_bits_of
 
 
 def _mib(nbytes: float) -> str:
@@ -45,7 +46,13 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         f"full fine-tuning keeps at least {_mib(C.full_finetune_saved_bytes_estimate(layers, batch))}"
         " of conv/linear inputs alone",
     ]
-    if measured_bytes is not None:
+    bits = backward_bits_of(controller.model)
+    lines.append("backward: exact" if bits is None else
+                 f"backward: compressed, SiLU/GELU/Hardswish keep {bits}-bit derivative codes "
+                 "(stochastic rounding, unbiased); everything else exact")
+    if isinstance(measured_bytes, dict):
+        lines += _per_module_lines(controller, batch, measured_bytes)
+    elif measured_bytes is not None:
         lines.append(f"saved for backward (measured): {_mib(measured_bytes)}")
     others = controller.profile.other_modules
     if others:
@@ -53,3 +60,19 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
         lines.append(f"not converted (PyTorch behaviour, counted only when measured): "
                      f"{len(others)} modules of types {', '.join(kinds)}")
     return "\n".join(lines)
+
+
+def _per_module_lines(controller, batch: int, measured: dict[str, int]) -> list[str]:
+    """Every module that kept tensors (``saved_bytes_by_module``) next to the cost model."""
+    modelled = C.saved_bytes_per_module(controller.layers, controller.profile.masks,
+                                        controller.counts(), batch)
+    rows = [("module (kept for backward)", "type", "measured bytes", "cost model bytes")]
+    for name in sorted(set(measured) | set(modelled), key=lambda n: -measured.get(n, 0)):
+        kind = type(controller.model.get_submodule(name)).__name__ if name else \
+            "functional calls in the model's forward"
+        rows.append((name or "(model)", kind, str(measured.get(name, 0)),
+                     str(modelled[name]) if name in modelled else "not modelled"))
+    table = text_table(rows[0], rows[1:], align="llrr").split("\n")
+    total = sum(measured.values())
+    return ["", *table, f"saved for backward (measured): {_mib(total)} (cost model "
+            f"{_mib(controller.saved_bytes(batch)['total'])})"]

@@ -1,0 +1,193 @@
+"""LayerNorm, attention and transformer MLPs that keep the least for backward.
+
+* ``LayerNormKeepsInput`` (LayerNorm with a frozen or no affine): the input and the
+  per-row mean and 1/std, as PyTorch; what changes is that the following projection,
+  frozen, keeps nothing, or, trained, only its compact copy.
+* ``AttentionCore`` (multi-head ``F.scaled_dot_product_attention`` on a packed
+  ``qkv``): only ``qkv``. Backward recomputes the attention from it (as FlashAttention
+  recomputes the probabilities) and differentiates that: the same ops, so PyTorch's
+  gradient.
+* ``RecomputedActivation`` (``act(fc1(x))`` in an MLP, act = GELU / SiLU / Hardswish):
+  ``x``, the fc1 input, instead of fc1's output, 4x wider in a transformer; backward
+  recomputes ``fc1(x)`` with the same op (the same bits). A trained fc1 that selects
+  every feature keeps the same ``x`` (one storage).
+
+The modules here replace the ``Attention`` and ``MLP`` of
+:mod:`trady_triton.models.transformer_blocks` and ``nn.LayerNorm``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from .activations import _INPUT_KINDS, _SavedInputModule
+from .models.transformer_blocks import MLP, Attention, attention_core
+from .first_order import first_order_only
+
+
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class LayerNormKeepsInput(Function):
+    """LayerNorm without trainable affine: keeps x, mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.normalized_shape, ctx.weight, ctx.bias = normalized_shape, weight, bias
+        ctx.save_for_backward(x, mean, rstd)
+        return y
+
+    @staticmethod
+    @first_order_only("TraDyLayerNorm")
+    def backward(ctx, grad_y):
+        x, mean, rstd = ctx.saved_tensors
+        grad_x = torch.ops.aten.native_layer_norm_backward(
+            grad_y, x, ctx.normalized_shape, mean, rstd, ctx.weight, ctx.bias,
+            [True, False, False])[0]
+        return grad_x, None, None, None, None
+
+
+class AttentionCore(Function):
+    """:func:`attention_core` keeping only the packed ``qkv``."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads, mask):
+        ctx.heads, ctx.mask = heads, mask
+        ctx.save_for_backward(qkv)
+        return attention_core(qkv, heads, mask)
+
+    @staticmethod
+    @first_order_only("TraDyAttention / TraDyMultiheadAttention")
+    def backward(ctx, grad_o):
+        (qkv,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = qkv.detach().requires_grad_(True)
+            (grad_qkv,) = torch.autograd.grad(attention_core(leaf, ctx.heads, ctx.mask), leaf,
+                                              grad_o)
+        return grad_qkv, None, None
+
+
+class RecomputedActivation(Function):
+    """``act(u)`` with ``u = F.linear(x, weight, bias)``, keeping x instead of u."""
+
+    @staticmethod
+    def forward(ctx, u, x, weight, bias, kind):
+        ctx.weight, ctx.bias, ctx.kind = weight, bias, kind
+        ctx.save_for_backward(x)
+        return _INPUT_KINDS[kind][0](u)
+
+    @staticmethod
+    @first_order_only("TraDyMLP")
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        u = F.linear(x, ctx.weight.to(x.dtype), None if ctx.bias is None else ctx.bias.to(x.dtype))
+        return _INPUT_KINDS[ctx.kind][1](grad_y, u), None, None, None, None
+
+
+class TraDyLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; with a frozen (or no) affine, see :class:`LayerNormKeepsInput`."""
+
+    def _trady_setup(self) -> None:
+        pass
+
+    def trainable_affine(self) -> bool:
+        return any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _grad_needed(x) or self.trainable_affine():
+            return super().forward(x)
+        return LayerNormKeepsInput.apply(x, tuple(self.normalized_shape), self.weight, self.bias,
+                                         self.eps)
+
+
+class TraDyAttention(Attention):
+    """Attention whose core keeps only ``qkv`` (see :class:`AttentionCore`)."""
+
+    def _trady_setup(self) -> None:
+        pass
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        qkv = self.qkv(x)
+        if not _grad_needed(qkv):
+            return self.proj(attention_core(qkv, self.heads, mask))
+        return self.proj(AttentionCore.apply(qkv, self.heads, mask))
+
+
+class TraDyMLP(MLP):
+    """MLP whose activation keeps fc1's input, not its output (see :class:`RecomputedActivation`).
+
+    In compressed mode (the activation's ``backward_bits`` set) the activation keeps its
+    k-bit derivative codes instead (:mod:`trady_triton.compressed`).
+    """
+
+    def _trady_setup(self) -> None:
+        pass
+
+    def activation_kind(self) -> str | None:
+        """The kind recomputed from fc1's input, or None when the activation runs itself."""
+        if not isinstance(self.act, _SavedInputModule) or self.act.backward_bits is not None:
+            return None
+        return self.act.activation_kind()
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.fc1(x)
+        kind = self.activation_kind()
+        if kind is None or not _grad_needed(u):
+            return self.fc2(self.act(u))
+        return self.fc2(RecomputedActivation.apply(u, x, self.fc1.weight, self.fc1.bias, kind))
+
+
+class TraDyMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention whose self-attention, with frozen projections, keeps only qkv.
+
+    The converted path (projections keep nothing, :class:`AttentionCore` keeps the
+    packed qkv) is taken for self-attention (``query is key is value``) with
+    ``need_weights=False``, frozen projections, no ``bias_k`` / ``add_zero_attn``, no
+    attention dropout in training, and boolean or absent masks; any other call is
+    PyTorch's own (and is then listed as not converted). ``took_converted_path`` tells
+    which one the last call took (the profile reads it).
+    """
+
+    def _trady_setup(self) -> None:
+        self.took_converted_path = False
+
+    def _converted_path_applies(self, query, key, value, key_padding_mask, need_weights,
+                                attn_mask, is_causal) -> bool:
+        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
+        masks = [m for m in (key_padding_mask, attn_mask) if m is not None]
+        return (query is key is value and not need_weights and not is_causal
+                and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
+                and (self.dropout == 0.0 or not self.training) and query.dim() == 3
+                and not any(p is not None and p.requires_grad for p in params)
+                and all(m.dtype == torch.bool for m in masks)
+                and (attn_mask is None or attn_mask.dim() == 2))
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        self.took_converted_path = self._converted_path_applies(
+            query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        if not (self.took_converted_path and _grad_needed(query)):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        from .autograd import FrozenLinear
+        x = query if self.batch_first else query.transpose(0, 1)
+        qkv = FrozenLinear.apply(x, self.in_proj_weight, self.in_proj_bias)
+        o = AttentionCore.apply(qkv, self.num_heads, _sdpa_mask(key_padding_mask, attn_mask))
+        out = FrozenLinear.apply(o, self.out_proj.weight, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _sdpa_mask(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """MHA's boolean masks (True = masked out) as one SDPA mask (True = attends)."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = ~key_padding_mask[:, None, None, :]
+    if attn_mask is not None:
+        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+    return allowed
