@@ -10,8 +10,10 @@ are already resident and cost nothing extra):
 * ``MaskedClamp`` (ReLU / ReLU6): a 1-bit packed mask.
 * ``FusedAffineClamp``: BN -> ReLU/ReLU6 in one pass; also emits the compact
   copy that the following conv/linear saves.
+* ``AffineClamp`` (CPU): BN -> ReLU/ReLU6 in one pass when no compact copy is
+  needed; a 1-bit mask.
 
-Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
+Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``cpu_kernels.py`` on CPU.
 
 Mixed precision: inside ``torch.autocast`` the conv / linear of a forward runs
 in the autocast dtype (autocast stays on inside a Function's forward). The
@@ -231,6 +233,37 @@ class FusedAffineClamp(Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_compact):
         (packed,) = ctx.saved_tensors
-        grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
-        return (grad * _per_channel(ctx.scale.to(grad.dtype), grad.dim()),
-                None, None, None, None)
+        return _mask_scale_backward(grad_y, packed, ctx.scale), None, None, None, None
+
+
+def has_affine_clamp(x: Tensor) -> bool:
+    """Whether ``x``'s kernels fuse frozen BN -> ReLU/ReLU6 without a compact copy."""
+    return hasattr(ops_for(x), "affine_clamp_mask")
+
+
+class AffineClamp(Function):
+    """Frozen BN -> ReLU/ReLU6 in one pass (no compact copy): saves the 1-bit mask.
+
+    Only for kernels with ``affine_clamp_mask`` (see :func:`has_affine_clamp`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, upper):
+        y, packed = ops_for(x).affine_clamp_mask(x, scale, shift, upper)
+        ctx.scale = scale
+        ctx.save_for_backward(packed)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        return _mask_scale_backward(grad_y, packed, ctx.scale), None, None, None
+
+
+def _mask_scale_backward(grad_y: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+    """The mask, then the frozen BN's scale: one pass where the kernels fuse them."""
+    ops = ops_for(grad_y)
+    if hasattr(ops, "mask_scale_backward"):
+        return ops.mask_scale_backward(grad_y, packed, scale)
+    grad = ops.relu_backward_mask(grad_y.contiguous(), packed)   # the Triton kernels
+    return grad * _per_channel(scale.to(grad.dtype), grad.dim())
