@@ -18,6 +18,7 @@ The weight-gradient ops are the reference's (ATen's convolutions are already fas
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +38,7 @@ __all__ = ["compact_channels", "conv2d_weight_grad_masked", "linear_weight_grad_
 _FLOATS = (torch.float32, torch.float64)
 _CHUNK_BYTES = 2048          # mask bytes per parallel task (16,384 elements)
 _NO_UPPER = float("inf")     # ReLU: no upper clamp
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def available(x: Tensor) -> bool:
@@ -54,31 +56,39 @@ def _layout(x: Tensor) -> tuple[int, int]:
 
 if numba is not None:
     @njit(inline="always")
-    def _clamp_segment(x, y, first, stop, scale, shift, affine, zero, upper):
+    def _clamp_run(x, y, scale, shift, affine, zero, upper):
         """y = clamp(x * scale + shift) over one channel's run: torch's -0.0 and NaN."""
         if affine:
-            for i in range(first, stop):
+            for i in range(x.size):
                 v = x[i] * scale + shift
                 y[i] = zero if v < 0 else (upper if v > upper else v)
         else:
-            for i in range(first, stop):
+            for i in range(x.size):
                 v = x[i]
                 y[i] = zero if v < 0 else (upper if v > upper else v)
 
     @njit(inline="always")
-    def _pack_segment(y, packed, first, stop, relu, upper):
-        """Bits of y[first:stop] (first a multiple of 8). Read from the clamped output:
-        ReLU passes where not y <= 0 (NaN passes), ReLU6 where 0 < y < upper."""
-        for b in range(first // 8, (stop + 7) // 8):
-            byte = 0
-            for j in range(min(8, stop - 8 * b)):
+    def _pack_run(y, packed, relu, upper):
+        """Bits of ``y``, read from the clamped output: ReLU passes where not y <= 0 (NaN
+        passes), ReLU6 where 0 < y < upper."""
+        for b in range(packed.size):
+            byte = np.uint8(0)
+            for j in range(min(8, y.size - 8 * b)):
                 v = y[8 * b + j]
                 bit = (not v <= 0) if relu else (v > 0 and v < upper)
-                byte |= (1 if bit else 0) << j
+                byte |= np.uint8(bit) << np.uint8(j)
             packed[b] = byte
 
-    # "contract": x * scale + shift as one fused multiply-add, as torch.addcmul computes it
-    @njit(parallel=True, nogil=True, cache=True, fastmath={"contract"})
+    @njit(inline="always")
+    def _and_run(grad_bits, packed, out_bits, one):
+        """out = grad where the bit passes, +0.0 elsewhere: an AND of the float's bits
+        with 0 or -1 (``one`` is 1 in their same-width integer type). NaN kept."""
+        for b in range(packed.size):
+            byte = packed[b]
+            for j in range(min(8, grad_bits.size - 8 * b)):
+                keep = -(one * ((byte >> np.uint8(j)) & np.uint8(1)))
+                out_bits[8 * b + j] = grad_bits[8 * b + j] & keep
+
     def _affine_clamp_pack_loop(x, scale, shift, affine, zero, upper, y, packed, plane, channels):
         n = x.size
         relu = upper == _NO_UPPER
@@ -91,30 +101,38 @@ if numba is not None:
                 plane_index = e // plane
                 run_stop = min(stop, (plane_index + 1) * plane)
                 c = plane_index % channels
-                _clamp_segment(x, y, e, run_stop, scale[c], shift[c], affine, zero, upper)
+                _clamp_run(x[e:run_stop], y[e:run_stop], scale[c], shift[c], affine, zero,
+                           upper)
                 e = run_stop
-            _pack_segment(y, packed, first, stop, relu, upper)
+            _pack_run(y[first:stop], packed[first // 8:(stop + 7) // 8], relu, upper)
 
-    @njit(parallel=True, nogil=True, cache=True)
-    def _mask_scale_loop(grad, packed, scale, scaled, zero, out, plane, channels):
-        n = grad.size
-        nbytes = packed.size
-        for task in prange((nbytes + _CHUNK_BYTES - 1) // _CHUNK_BYTES):
-            first = task * _CHUNK_BYTES
-            e = first * 8
-            pos = e % plane
-            c = (e // plane) % channels
-            for b in range(first, min(first + _CHUNK_BYTES, nbytes)):
-                byte = packed[b]
-                for j in range(8):
-                    if e < n:
-                        g = grad[e] if (byte >> j) & 1 else zero
-                        out[e] = g * scale[c] if scaled else g     # as reference: (+0.0) * scale
-                        e += 1
-                        pos += 1
-                        if pos == plane:
-                            pos = 0
-                            c = c + 1 if c + 1 < channels else 0
+    def _mask_scale_loop(grad_bits, packed, scale, scaled, one, out, out_bits, plane, channels):
+        n = grad_bits.size
+        chunk = 8 * _CHUNK_BYTES
+        for task in prange((n + chunk - 1) // chunk):
+            first = task * chunk
+            stop = min(first + chunk, n)
+            _and_run(grad_bits[first:stop], packed[first // 8:(stop + 7) // 8],
+                     out_bits[first:stop], one)
+            e = first
+            while scaled and e < stop:   # then the BN scale, per channel run of the chunk
+                plane_index = e // plane
+                run_stop = min(stop, (plane_index + 1) * plane)
+                s = scale[plane_index % channels]
+                o = out[e:run_stop]
+                for i in range(o.size):
+                    o[i] *= s               # as reference: blocked -> (+0.0) * scale
+                e = run_stop
+
+    def _compiled(loop, **options):
+        """(serial, parallel) builds of ``loop``. One thread runs the serial one: an
+        OpenMP pool of numba's would spin beside torch's on the same cores."""
+        return (njit(nogil=True, cache=True, **options)(loop),
+                njit(parallel=True, nogil=True, cache=True, **options)(loop))
+
+    # "contract": x * scale + shift as one fused multiply-add, as torch.addcmul computes it
+    _AFFINE_CLAMP_PACK = _compiled(_affine_clamp_pack_loop, fastmath={"contract"})
+    _MASK_SCALE = _compiled(_mask_scale_loop)
 
 
 def _flat(t: Tensor):
@@ -127,10 +145,14 @@ def _typed(x: Tensor, *values: float):
     return tuple(kind(v) for v in values)
 
 
-def _run(loop, *args) -> None:
-    # numba's pool follows torch's intra-op thread count (the benchmarks set 1 or 2)
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    loop(*args)
+def _run(builds, *args) -> None:
+    """Run the serial build, or the parallel one on torch's intra-op thread count."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1:
+        builds[0](*args)
+        return
+    numba.set_num_threads(threads)
+    builds[1](*args)
 
 
 def _affine_clamp(x: Tensor, scale: Tensor | None, shift: Tensor | None, upper: float | None,
@@ -141,7 +163,7 @@ def _affine_clamp(x: Tensor, scale: Tensor | None, shift: Tensor | None, upper: 
     affine = scale is not None
     if not affine:
         scale = shift = x.new_ones(1)
-    _run(_affine_clamp_pack_loop, _flat(x), _flat(scale.to(x.dtype)), _flat(shift.to(x.dtype)),
+    _run(_AFFINE_CLAMP_PACK, _flat(x), _flat(scale.to(x.dtype)), _flat(shift.to(x.dtype)),
          affine, *_typed(x, 0.0, _NO_UPPER if upper is None else upper), _flat(out), _flat(packed),
          plane, channels if affine else 1)
     return packed
@@ -180,8 +202,9 @@ def mask_scale_backward(grad_output: Tensor, packed: Tensor, scale: Tensor | Non
     plane, channels = _layout(grad_output)
     scaled = scale is not None
     scale = scale.to(grad_output.dtype) if scaled else grad_output.new_ones(1)
-    _run(_mask_scale_loop, _flat(grad_output), _flat(packed), _flat(scale), scaled,
-         *_typed(grad_output, 0.0), _flat(out),
+    int_dtype = _SAME_WIDTH_INT[grad_output.dtype]
+    _run(_MASK_SCALE, _flat(grad_output.view(int_dtype)), _flat(packed), _flat(scale), scaled,
+         _typed(out.view(int_dtype), 1)[0], _flat(out), _flat(out.view(int_dtype)),
          plane, channels if scaled else 1)
     return out
 
