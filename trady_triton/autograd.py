@@ -42,6 +42,20 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, conv: tuple) -> Tensor:
+    """dX of a conv2d from W and dY alone.
+
+    ``torch.nn.grad.conv2d_input`` passes an expanded (stride-0) stand-in for the input,
+    which ``convolution_backward`` copies into a full-size contiguous tensor; an
+    uninitialised one of the input's shape is neither read nor copied.
+    """
+    stride, padding, dilation, groups = conv
+    stand_in = grad_y.new_empty(x_shape)
+    return torch.ops.aten.convolution_backward(
+        grad_y, stand_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [True, False, False])[0]
+
+
 class SelectedConv2d(Function):
     """Conv2d whose weight gradient is computed for input channels ``idx`` only."""
 
@@ -71,8 +85,7 @@ class SelectedConv2d(Function):
         weight = _as(weight, grad_y.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
-                                                dilation, groups)
+            grad_x = _conv2d_input_grad(ctx.x_shape, weight, grad_y, ctx.conv)
         if ctx.needs_input_grad[1]:
             if ctx.full:
                 grad_w = torch.nn.grad.conv2d_weight(saved, weight.shape, grad_y, stride,
@@ -98,10 +111,8 @@ class FrozenConv2d(Function):
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
         weight = _as(weight, grad_y.dtype)
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
-                                            dilation, groups)
+        grad_x = _conv2d_input_grad(ctx.x_shape, weight, grad_y, ctx.conv)
         grad_b = grad_y.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b, None, None, None, None
 
