@@ -66,16 +66,19 @@ def build_rows(args) -> dict:
 
 
 def time_rows(rows: dict, steps: int) -> dict:
+    """name -> (median wall s, median process CPU s): CPU time is what the step itself
+    spent on the cores, less sensitive to other processes than the wall clock."""
     for run in rows.values():
         run()
         run()
     times = {name: [] for name in rows}
     for _ in range(steps):
         for name, run in rows.items():
-            t = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(t[k] for t in ts) for k in (0, 1))
+            for name, ts in times.items()}
 
 
 def peak_rows(rows: dict) -> dict:
@@ -110,10 +113,12 @@ def main(argv=None) -> int:
     peaks = json.loads(next(l for l in child.stdout.splitlines()
                             if l.startswith("@@PEAKS@@"))[len("@@PEAKS@@"):])
     medians = time_rows(rows, args.steps)
+    wall_full, cpu_full = medians["full"]
     print(f"| {args.model} batch {args.batch}, {args.threads} thread(s) | median step ms "
-          f"| x full | peak above idle MiB |\n|---|---|---|---|")
-    for name, t in medians.items():
-        print(f"| {name} | {t * 1e3:.0f} | {t / medians['full']:.2f} | {peaks[name] / MIB:.1f} |")
+          f"| x full | CPU ms | x full (CPU) | peak above idle MiB |\n|---|---|---|---|---|---|")
+    for name, (wall, cpu) in medians.items():
+        print(f"| {name} | {wall * 1e3:.0f} | {wall / wall_full:.2f} | {cpu * 1e3:.0f} | "
+              f"{cpu / cpu_full:.2f} | {peaks[name] / MIB:.1f} |")
     return 0
 
 
