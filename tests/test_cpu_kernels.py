@@ -120,7 +120,8 @@ def test_fused_compaction_equals_reference():
 def test_unserved_inputs_fall_back_to_the_reference():
     x = torch.randn(4, 6, 5, 5).to(torch.bfloat16)
     strided = torch.randn(4, 5, 6, 5).transpose(1, 2)
-    for t in (x, strided):
+    empty = torch.randn(0, 6, 5, 5)
+    for t in (x, strided, empty):
         assert not cpu_kernels.available(t)
         y, mask = cpu_kernels.relu_forward_mask(t, 6.0)
         y_ref, mask_ref = reference.relu_forward_mask(t, 6.0)

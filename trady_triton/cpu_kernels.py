@@ -44,7 +44,7 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 def available(x: Tensor) -> bool:
     """Whether the one-pass loops serve ``x`` (else the reference does the work)."""
     return (numba is not None and x.device.type == "cpu" and x.dtype in _FLOATS
-            and x.is_contiguous() and not torch.compiler.is_compiling())
+            and x.is_contiguous() and x.numel() > 0 and not torch.compiler.is_compiling())
 
 
 def _layout(x: Tensor) -> tuple[int, int]:
