@@ -50,6 +50,9 @@ MODEL_SPECS = {
     # EfficientNet-Lite0 at 224x224: the paper's budgets as keep ratios of its full units
     "lite0": {"model": "efficientnet-lite0", "res": 224,
               "budgets": {lvl: {"keep_ratio": r} for lvl, r in zip(BUDGET_LEVELS, KEEP_RATIOS)}},
+    # the paper's MCUNet-in1 (its weights file from /work/shared/models or TRADY_MODELS_DIR)
+    "mcunet": {"model": "mcunet-in1", "res": 128,
+               "budgets": {lvl: {"keep_ratio": r} for lvl, r in zip(BUDGET_LEVELS, KEEP_RATIOS)}},
     # smoke tests: the same architecture at 32x32
     "tiny": {"model": "mbv2-w0.35-arch", "res": 32,
              "budgets": {lvl: {"keep_ratio": r} for lvl, r in zip(BUDGET_LEVELS, KEEP_RATIOS)}},

@@ -44,6 +44,9 @@ def pytest_generate_tests(metafunc):
     if "tcfg" in metafunc.fixturenames:
         cfgs = _configs(metafunc.config._trady_bench_size)
         metafunc.parametrize("tcfg", cfgs, ids=[config_key(c).replace("|", "-") for c in cfgs])
+    if "fcfg" in metafunc.fixturenames:   # one no-grad forward per (model, batch)
+        cfgs = [c for c in _configs(metafunc.config._trady_bench_size) if c["method"] == "full"]
+        metafunc.parametrize("fcfg", cfgs, ids=[f"{c['model']}-{c['batch']}" for c in cfgs])
 
 
 _full_saved: dict = {}
@@ -75,6 +78,18 @@ def test_train_step(benchmark, tcfg, bench_device, size):
         if key in _full_saved and tcfg["model"] == "mbv2" and tcfg["budget"] == "small":
             assert _full_saved[key] >= 40 * saved, (_full_saved[key], saved)
     benchmark(synced(setup.step, bench_device))
+
+
+def test_no_grad_forward(benchmark, fcfg, bench_device):
+    """The inference cost a TraDy step is measured against (same model, same batch)."""
+    setup = make_setup(fcfg, bench_device)
+    benchmark.group = f"train step {fcfg['model']} batch {fcfg['batch']}"
+    benchmark.extra_info.update(dict(setup.describe(), method="no-grad forward"))
+
+    def forward():
+        with torch.no_grad():
+            setup.model(setup.x)
+    benchmark(synced(forward, bench_device))
 
 
 # ---------------------------------------------------------------------- smoke assertions
@@ -177,6 +192,20 @@ def test_run_gpu_script_dry_run_on_cpu(tmp_path):
     md = (out / "results.md").read_text()
     assert "### Training step" in md and "### Masked weight gradient" in md
     assert proc.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])   # the table last
+
+
+def test_step_ratio_script_reports_time_and_peaks_on_a_tiny_model():
+    proc = subprocess.run([sys.executable, str(BENCH / "step_ratio.py"), "--model", "tiny",
+                           "--batch", "2", "--steps", "1"],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = ("full", "trady (auto)", "no-grad forward")
+    rows = {cells[1].strip(): [float(c) for c in cells[2:-1]]
+            for cells in (line.split("|") for line in proc.stdout.splitlines())
+            if len(cells) > 2 and cells[1].strip() in names}
+    assert set(rows) == set(names)
+    assert rows["full"][1] == 1.0 and rows["full"][3] == 1.0       # the ratios' reference
+    assert all(r[0] > 0 and r[2] > 0 and r[4] >= 0 for r in rows.values())   # ms, CPU ms, MiB
 
 
 def test_kernel_shim_without_an_install(tmp_path):

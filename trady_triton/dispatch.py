@@ -3,10 +3,11 @@
 Backends:
 
 * ``"auto"`` (default): CUDA tensors go to the Triton kernels, CPU tensors to
-  ``reference.py``.
+  ``cpu_kernels.py`` (one-pass numba loops, which hand what they do not serve to
+  ``reference.py``).
 * ``"triton"``: always the Triton kernels. On CPU this needs
   ``TRITON_INTERPRET=1`` set before ``trady_triton`` is imported (tests use it).
-* ``"reference"``: always plain PyTorch (a debugging aid on GPU).
+* ``"reference"``: always plain PyTorch (the readable oracle; a debugging aid).
 
 Set it with the environment variable ``TRADY_BACKEND`` or :func:`set_backend` /
 the :func:`backend` context manager.
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from . import reference
+from . import cpu_kernels, reference
 
 BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("TRADY_BACKEND", "auto")
@@ -63,4 +64,4 @@ def ops_for(tensor: torch.Tensor):
     if uses_triton(tensor):
         from . import kernels  # imported lazily: Triton is only needed here
         return kernels
-    return reference
+    return reference if _backend == "reference" else cpu_kernels

@@ -168,17 +168,22 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         return scale, shift
 
     def _fused_forward(self, x: Tensor):
-        """BN -> ReLU/ReLU6 -> partially trained conv/linear in one kernel, if wired."""
+        """BN -> ReLU/ReLU6 (-> compact copy for a partially trained consumer) in one
+        kernel, if wired; without a compact copy only where the kernels fuse that (CPU)."""
         if self._fuse_with is None or x.dim() != 4:
             return None
         activation, consumer = self._fuse_with
         weight = consumer.weight
-        if not weight.requires_grad or consumer.selected_channels.numel() == weight.shape[1]:
+        scale, shift = self.frozen_scale_shift(x.dtype)
+        if weight.requires_grad and consumer.selected_channels.numel() != weight.shape[1]:
+            y, compact = fn.FusedAffineClamp.apply(x, scale, shift, activation.upper,
+                                                   consumer.selected_channels)
+            consumer._offer_compact(y, compact)
+        elif fn.has_affine_clamp(x):
+            y = fn.AffineClamp.apply(x, scale, shift, activation.upper)
+        else:
             return None
-        y, compact = fn.FusedAffineClamp.apply(x, *self.frozen_scale_shift(x.dtype),
-                                               activation.upper, consumer.selected_channels)
         activation._fused_output = weakref.ref(y)
-        consumer._offer_compact(y, compact)
         return y
 
 

@@ -149,6 +149,27 @@ def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
                                                          device=grad_output.device))
 
 
+def mask_scale_backward(grad_output: Tensor, packed: Tensor, scale: Tensor | None) -> Tensor:
+    """The backward of frozen BN -> ReLU/ReLU6: the mask, then BN's per-channel ``scale``.
+
+    ``scale=None`` is :func:`relu_backward_mask`; otherwise ``grad_output`` is at least
+    2-D with channels on axis 1.
+    """
+    grad = relu_backward_mask(grad_output, packed)
+    if scale is None:
+        return grad
+    return grad * scale.to(grad.dtype).reshape((1, -1) + (1,) * (grad.dim() - 2))
+
+
+def affine_clamp_mask(x: Tensor, scale: Tensor, shift: Tensor,
+                      upper: float | None) -> tuple[Tensor, Tensor]:
+    """Frozen BatchNorm -> ReLU/ReLU6 (channels on axis 1); returns (output, packed mask)."""
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    # the same single op as the unfused FrozenAffine, so fused and unfused agree exactly
+    pre = torch.addcmul(shift.reshape(per_channel), x, scale.reshape(per_channel))
+    return relu_forward_mask(pre, upper)
+
+
 def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | None,
                         idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Fused frozen BatchNorm -> ReLU/ReLU6 -> compaction of channels ``idx``.
@@ -157,7 +178,5 @@ def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | 
     (``y = relu(x * scale + shift)``). Returns (output, packed mask, compact copy of
     the output's channels ``idx``).
     """
-    # the same single op as the unfused FrozenAffine, so fused and unfused agree exactly
-    pre = torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
-    y, packed = relu_forward_mask(pre, upper)
+    y, packed = affine_clamp_mask(x, scale, shift, upper)
     return y, packed, compact_channels(y, idx, 1)
