@@ -11,7 +11,7 @@ are already resident and cost nothing extra):
 * ``FusedAffineClamp``: BN -> ReLU/ReLU6 in one pass; also emits the compact
   copy that the following conv/linear saves.
 
-Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``reference.py`` on CPU.
+Kernels are the ``torch.ops.trady`` ops of ``ops.py``: Triton on CUDA, plain PyTorch on CPU.
 
 Mixed precision: inside ``torch.autocast`` the conv / linear of a forward runs
 in the autocast dtype (autocast stays on inside a Function's forward). The
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from .dispatch import ops_for
+from . import ops
 
 
 def _all_channels(idx: Tensor, channels: int) -> bool:
@@ -55,7 +55,7 @@ class SelectedConv2d(Function):
             elif x_compact is not None:   # produced by a fused upstream kernel
                 saved = x_compact
             else:
-                saved = ops_for(x).compact_channels(x, idx, 1)
+                saved = ops.compact_channels(x, idx, 1)
             saved = _as(saved, y.dtype)   # autocast: keep what the conv computed with
         else:
             saved = None
@@ -76,7 +76,7 @@ class SelectedConv2d(Function):
                 grad_w = torch.nn.grad.conv2d_weight(saved, weight.shape, grad_y, stride,
                                                      padding, dilation, groups)
             else:
-                grad_w = ops_for(grad_y).conv2d_weight_grad_masked(
+                grad_w = ops.conv2d_weight_grad_masked(
                     saved, grad_y, idx, tuple(weight.shape), stride, padding, dilation, groups)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(dim=(0, 2, 3))
@@ -117,7 +117,7 @@ class SelectedLinear(Function):
             elif x_compact is not None:
                 saved = x_compact
             else:
-                saved = ops_for(x).compact_channels(x, idx, x.dim() - 1)
+                saved = ops.compact_channels(x, idx, x.dim() - 1)
             saved = _as(saved, y.dtype)
         else:
             saved = None
@@ -134,7 +134,7 @@ class SelectedLinear(Function):
             if ctx.full:
                 grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ saved.reshape(-1, saved.shape[-1])
             else:
-                grad_w = ops_for(grad_y).linear_weight_grad_masked(saved, grad_y, idx,
+                grad_w = ops.linear_weight_grad_masked(saved, grad_y, idx,
                                                                    weight.shape[1])
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
@@ -197,7 +197,7 @@ class MaskedClamp(Function):
 
     @staticmethod
     def forward(ctx, x, upper, inplace):
-        y, packed = ops_for(x).relu_forward_mask(x, upper)
+        y, packed = ops.relu_forward_mask(x, upper)
         ctx.shape = x.shape
         ctx.save_for_backward(packed)
         if inplace:
@@ -209,7 +209,7 @@ class MaskedClamp(Function):
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        return ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed), None, None
+        return ops.relu_backward_mask(grad_y, packed), None, None
 
 
 class FusedAffineClamp(Function):
@@ -222,7 +222,7 @@ class FusedAffineClamp(Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, upper, idx):
-        y, packed, compact = ops_for(x).affine_relu_compact(x, scale, shift, upper, idx)
+        y, packed, compact = ops.affine_relu_compact(x, scale, shift, upper, idx)
         ctx.mark_non_differentiable(compact)
         ctx.scale = scale
         ctx.save_for_backward(packed)
@@ -231,6 +231,6 @@ class FusedAffineClamp(Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_compact):
         (packed,) = ctx.saved_tensors
-        grad = ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed)
+        grad = ops.relu_backward_mask(grad_y, packed)
         return (grad * _per_channel(ctx.scale.to(grad.dtype), grad.dim()),
                 None, None, None, None)

@@ -1,4 +1,8 @@
-"""Choose, per call, between the Triton kernels and the plain-PyTorch reference.
+"""Choose, per call, between the Triton kernels and the plain-PyTorch CPU implementation.
+
+The ops of :mod:`trady_triton.ops` (``torch.ops.trady.*``) call :func:`ops_for` inside
+their CPU and CUDA kernels: PyTorch's dispatcher picks the device, this module only
+honours the backend switch below and names the one CPU implementation (``CPU_IMPL``).
 
 Backends:
 
@@ -20,6 +24,10 @@ import os
 import torch
 
 from . import reference
+
+# The plain-PyTorch implementation every CPU kernel calls: one module with the
+# signatures of ``reference.py`` (swap it here, in one place, for a faster CPU module).
+CPU_IMPL = reference
 
 BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("TRADY_BACKEND", "auto")
@@ -59,8 +67,8 @@ def uses_triton(tensor: torch.Tensor) -> bool:
 
 
 def ops_for(tensor: torch.Tensor):
-    """The module of kernel launchers that should handle ``tensor``."""
+    """The module of implementations (Triton launchers or ``CPU_IMPL``) for ``tensor``."""
     if uses_triton(tensor):
         from . import kernels  # imported lazily: Triton is only needed here
         return kernels
-    return reference
+    return CPU_IMPL
