@@ -29,13 +29,13 @@ from .conv_weight_grad import conv2d_weight_grad_masked
 from .gemm_weight_grad import linear_weight_grad_masked
 from .masks import pack_mask, relu_backward_mask, unpack_mask
 
+# the kernel twins of reference.py (prepare_index, a Triton-path helper, is not one)
 __all__ = [
     "affine_relu_compact",
     "compact_channels",
     "conv2d_weight_grad_masked",
     "linear_weight_grad_masked",
     "pack_mask",
-    "prepare_index",
     "relu_backward_mask",
     "relu_forward_mask",
     "unpack_mask",
