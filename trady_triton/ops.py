@@ -11,7 +11,9 @@ Which implementation a device's kernel calls is :func:`trady_triton.dispatch.ops
 the Triton launchers of ``trady_triton.kernels`` on CUDA, ``dispatch.CPU_IMPL`` (plain
 PyTorch) on CPU, and ``TRADY_BACKEND`` / ``set_backend`` still force either (tests run
 the Triton kernels on CPU under ``TRITON_INTERPRET=1``). The Python functions below have
-the signatures of ``reference.py`` and call the ops.
+the signatures of ``reference.py`` and call the ops. On CUDA the conv (``groups == 1``)
+and Linear weight gradients go through :mod:`trady_triton.fastest`, which picks per shape,
+by timing once, between the Triton kernel and cuDNN / cuBLAS on the compact copy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from .dispatch import ops_for as impl_for
+from . import fastest
+from .dispatch import ops_for as impl_for, uses_triton
 
 _DEVICES = ("cpu", "cuda")
 
@@ -71,6 +74,16 @@ def _conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tens
         tuple(dilation), groups)
 
 
+@_conv2d_weight_grad_masked.register_kernel("cuda")
+def _(x_compact, grad_output, idx, weight_shape, stride, padding, dilation, groups):
+    impl = impl_for(grad_output)
+    args = (x_compact, grad_output, idx, tuple(weight_shape), tuple(stride), tuple(padding),
+            tuple(dilation), groups)
+    if not uses_triton(grad_output):      # backend("reference") forced on the GPU
+        return impl.conv2d_weight_grad_masked(*args)
+    return fastest.conv2d_weight_grad_masked(*args, kernels=impl)
+
+
 @_conv2d_weight_grad_masked.register_fake
 def _(x_compact, grad_output, idx, weight_shape, stride, padding, dilation, groups):
     return grad_output.new_empty(tuple(weight_shape))
@@ -88,6 +101,15 @@ def _linear_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tens
                                in_features: int) -> Tensor:
     return impl_for(grad_output).linear_weight_grad_masked(x_compact, grad_output, idx,
                                                            in_features)
+
+
+@_linear_weight_grad_masked.register_kernel("cuda")
+def _(x_compact, grad_output, idx, in_features):
+    impl = impl_for(grad_output)
+    if not uses_triton(grad_output):
+        return impl.linear_weight_grad_masked(x_compact, grad_output, idx, in_features)
+    return fastest.linear_weight_grad_masked(x_compact, grad_output, idx, in_features,
+                                             kernels=impl)
 
 
 @_linear_weight_grad_masked.register_fake
