@@ -27,7 +27,20 @@ from torch.library import custom_op
 from . import fastest
 from .dispatch import ops_for as impl_for, uses_triton
 
-_DEVICES = ("cpu", "cuda")
+
+
+def _op(name: str):
+    """``custom_op("trady::name")`` whose CPU and CUDA kernels are the decorated function.
+
+    The devices are registered one at a time: with a list of ``device_types``, torch
+    2.13's custom_op binds its loop variable late and sends every device to the last
+    one's kernel.
+    """
+    def define(fn):
+        op = custom_op(f"trady::{name}", fn, mutates_args=(), device_types="cpu")
+        op.register_kernel("cuda", fn)
+        return op
+    return define
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -46,7 +59,7 @@ def _mask_bytes(numel: int) -> int:
 
 
 # ------------------------------------------------------------------ compaction
-@custom_op("trady::compact_channels", mutates_args=(), device_types=_DEVICES)
+@_op("compact_channels")
 def _compact_channels(x: Tensor, idx: Tensor, channel_dim: int) -> Tensor:
     return impl_for(x).compact_channels(x, idx, channel_dim)
 
@@ -64,7 +77,7 @@ def compact_channels(x: Tensor, idx: Tensor, channel_dim: int) -> Tensor:
 
 
 # ------------------------------------------------------------ weight gradients
-@custom_op("trady::conv2d_weight_grad_masked", mutates_args=(), device_types=_DEVICES)
+@_op("conv2d_weight_grad_masked")
 def _conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
                                weight_shape: Sequence[int], stride: Sequence[int],
                                padding: Sequence[int], dilation: Sequence[int],
@@ -96,7 +109,7 @@ def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tenso
                                       list(stride), list(padding), list(dilation), groups)
 
 
-@custom_op("trady::linear_weight_grad_masked", mutates_args=(), device_types=_DEVICES)
+@_op("linear_weight_grad_masked")
 def _linear_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
                                in_features: int) -> Tensor:
     return impl_for(grad_output).linear_weight_grad_masked(x_compact, grad_output, idx,
@@ -124,7 +137,7 @@ def linear_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tenso
 
 
 # ---------------------------------------------------------------- 1-bit masks
-@custom_op("trady::pack_mask", mutates_args=(), device_types=_DEVICES)
+@_op("pack_mask")
 def _pack_mask(passes: Tensor) -> Tensor:
     return impl_for(passes).pack_mask(passes)
 
@@ -139,7 +152,7 @@ def pack_mask(passes: Tensor) -> Tensor:
     return _pack_mask(passes)
 
 
-@custom_op("trady::unpack_mask", mutates_args=(), device_types=_DEVICES)
+@_op("unpack_mask")
 def _unpack_mask(packed: Tensor, numel: int) -> Tensor:
     return impl_for(packed).unpack_mask(packed, numel)
 
@@ -154,7 +167,7 @@ def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     return _unpack_mask(packed, numel)
 
 
-@custom_op("trady::relu_forward_mask", mutates_args=(), device_types=_DEVICES)
+@_op("relu_forward_mask")
 def _relu_forward_mask(x: Tensor, upper: Optional[float]) -> tuple[Tensor, Tensor]:
     return impl_for(x).relu_forward_mask(x, upper)
 
@@ -169,7 +182,7 @@ def relu_forward_mask(x: Tensor, upper: float | None) -> tuple[Tensor, Tensor]:
     return _relu_forward_mask(_dense(x), upper)
 
 
-@custom_op("trady::relu_backward_mask", mutates_args=(), device_types=_DEVICES)
+@_op("relu_backward_mask")
 def _relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
     return impl_for(grad_output).relu_backward_mask(grad_output, packed)
 
@@ -185,7 +198,7 @@ def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------- fused BN -> ReLU -> compact
-@custom_op("trady::affine_relu_compact", mutates_args=(), device_types=_DEVICES)
+@_op("affine_relu_compact")
 def _affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: Optional[float],
                          idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return impl_for(x).affine_relu_compact(x, scale, shift, upper, idx)
