@@ -65,19 +65,24 @@ def junit_counts(path: Path) -> dict:
     return counts
 
 
+def _run_logged(cmd: list, log_path: Path, env: dict, timeout_s: float, flag: str) -> int | str:
+    """Run ``cmd`` from the repository root into ``log_path``; its exit code, or why not."""
+    with open(log_path, "w") as log:
+        try:
+            return subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return f"stopped after {timeout_s:.0f} s ({flag})"
+
+
 def run_tests(args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "_kernels_shim", "-p", "no:cacheprovider",
            "--junitxml", str(out / "tests.xml"), *args.tests]
     if args.k:
         cmd += ["-k", args.k]
     started = time.time()
-    with open(out / "tests.log", "w") as log:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device, autotune=False),
-                                stdout=log, stderr=subprocess.STDOUT,
-                                timeout=args.tests_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = f"stopped after {args.tests_s:.0f} s (--tests-s)"
+    rc = _run_logged(cmd, out / "tests.log", _env(args.device, autotune=False), args.tests_s,
+                     "--tests-s")
     result = {"rc": rc, "wall_s": time.time() - started, **junit_counts(out / "tests.xml")}
     return result
 
@@ -96,13 +101,8 @@ def run_graph_step(args, out: Path) -> int | str:
     """bench/graph_step.py in a subprocess, its output kept in graph_step.log and echoed."""
     cmd = [sys.executable, str(BENCH / "graph_step.py"), "--out", str(out),
            "--device", args.device]
-    with open(out / "graph_step.log", "w") as log:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device, autotune=True),
-                                stdout=log, stderr=subprocess.STDOUT,
-                                timeout=args.graph_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = f"stopped after {args.graph_s:.0f} s (--graph-s)"
+    rc = _run_logged(cmd, out / "graph_step.log", _env(args.device, autotune=True),
+                     args.graph_s, "--graph-s")
     print((out / "graph_step.log").read_text()[-6000:], flush=True)
     return rc
 
