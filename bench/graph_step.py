@@ -28,8 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TARGET_RATIO = 0.8
-GPU_PLAN = {"spec": "mbv2", "batches": (64, 256), "precisions": ("float32", "bf16")}
-CPU_PLAN = {"spec": "tiny", "batches": (2,), "precisions": ("float32",)}
+# the CPU plan only checks the pipeline: one tiny case, few timed steps
+GPU_PLAN = {"spec": "mbv2", "batches": (64, 256), "precisions": ("float32", "bf16"),
+            "warm_ms": 10, "rep_ms": 60, "host_steps": 10}
+CPU_PLAN = {"spec": "tiny", "batches": (2,), "precisions": ("float32",),
+            "warm_ms": 0, "rep_ms": 0, "host_steps": 1}
 
 
 def _autocast(device: str, precision: str):
@@ -91,17 +94,17 @@ def _graph_us(graph, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps * 1e3
 
 
-def run_case(spec: str, method: str, batch: int, precision: str, device: str) -> dict:
+def run_case(plan: dict, method: str, batch: int, precision: str, device: str) -> dict:
     from _bench_env import bench_fn
     from _train_bench import make_setup
-    setup = make_setup({"model": spec, "method": method, "budget": "medium" if method ==
+    setup = make_setup({"model": plan["spec"], "method": method, "budget": "medium" if method ==
                         "trady" else None, "batch": batch, "backend": "auto"}, device)
     rec = {"method": method, "batch": batch, "precision": precision}
     try:
         step = _timed_step(setup, precision)
         step()                                        # compile, autotune, choose paths
-        rec["eager_us"] = bench_fn(step, device, 10, 60)["median_us"]
-        rec["host_us"] = _host_us(step, device)
+        rec["eager_us"] = bench_fn(step, device, plan["warm_ms"], plan["rep_ms"])["median_us"]
+        rec["host_us"] = _host_us(step, device, plan["host_steps"])
         if device == "cuda":
             if setup.controller is not None:
                 setup.controller.resample(1)          # a new epoch: capture anew
@@ -142,7 +145,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args(argv)
+    import torch
     from _bench_env import ensure_kernels
+    if args.device == "cpu":
+        torch.set_num_threads(1)       # a dry run on shared cores
     ensure_kernels()             # a bare copy of the repository (the GPU machine): kernels/
     from trady_triton import fastest
     plan = GPU_PLAN if args.device == "cuda" else CPU_PLAN
@@ -151,7 +157,7 @@ def main(argv=None) -> int:
         for batch in plan["batches"]:
             for method in ("full", "trady"):
                 try:
-                    records.append(run_case(plan["spec"], method, batch, precision, args.device))
+                    records.append(run_case(plan, method, batch, precision, args.device))
                 except Exception as e:  # noqa: BLE001  (one failed case must not end the run)
                     records.append({"method": method, "batch": batch, "precision": precision,
                                     "error": f"{type(e).__name__}: {e}"})
