@@ -7,8 +7,8 @@ The same plain-PyTorch compaction called three ways, interleaved in rounds so th
 load hits all alike: directly, through ``trady_triton.ops.compact_channels`` in eager mode
 (which skips the dispatcher), as ``torch.ops.trady.compact_channels`` (a
 ``torch.library.Library`` definition: the dispatcher calls the Python kernel; what a
-traced graph runs), and as a ``torch.library.custom_op`` of the same function. Prints the median microseconds per call
-and the overhead over the direct call. On a GPU this is host time a step waits on unless
+traced graph runs), and as a ``torch.library.custom_op`` of the same function. Prints
+the median microseconds per call and the overhead over the direct call. On a GPU this is host time a step waits on unless
 the step is CUDA-graph captured.
 """
 

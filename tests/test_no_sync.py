@@ -86,7 +86,8 @@ def _step(net, optimizer):
 def test_the_guard_catches_each_kind_of_sync(guard, monkeypatch):
     t = torch.arange(3)
     actions = {".item()": lambda: t.sum().item(), ".tolist()": lambda: t.tolist(),
-               "bool(t)": lambda: bool(t.any()), "nonzero": lambda: t.nonzero(), ".numpy()": lambda: t.numpy()}
+               "bool(t)": lambda: bool(t.any()), "nonzero": lambda: t.nonzero(),
+               ".numpy()": lambda: t.numpy()}
     with pytest.raises(HostSync), no_host_sync(monkeypatch):
         actions[guard]()
 
