@@ -7,10 +7,14 @@
 1. The kernel tests and the end-to-end test on the GPU (pytest, every kernel with its first
    configuration: TRADY_AUTOTUNE=0), capped at ``--tests-s``; compile tests excluded (they
    run on the CPU in CI).
-2. ``bench/run_bench.py`` on the GPU with the time that is left of ``--budget-s``.
-3. A summary of the tests, then the bench tables, printed last.
+2. ``bench/graph_step.py``: TraDy against full fine-tuning, eager and CUDA-graph captured
+   (like with like), host time apart from device time, and which weight-gradient path
+   (Triton or cuDNN/cuBLAS) won per shape; capped at ``--graph-s``.
+3. ``bench/run_bench.py`` on the GPU with the time that is left of ``--budget-s``.
+4. A summary of the tests and the issue's targets, then the bench tables, printed last.
 
-Writes into OUT: ``tests.log``, ``tests.xml`` (JUnit), ``bench/`` (``cases.jsonl``,
+Writes into OUT: ``tests.log``, ``tests.xml`` (JUnit), ``graph_step.log`` /
+``graph_step.json``, ``bench/`` (``cases.jsonl``,
 ``results.json``, ``results.md``). Runs from a bare copy of the repository (no install):
 the repository goes on the path and ``kernels/`` is loaded as ``trady_triton.kernels``.
 Afterwards, here: ``python bench/run_gpu.py --render <OUT>/bench --update-results``, and
@@ -63,21 +67,46 @@ def junit_counts(path: Path) -> dict:
     return counts
 
 
+def _run_logged(cmd: list, log_path: Path, env: dict, timeout_s: float, flag: str) -> int | str:
+    """Run ``cmd`` from the repository root into ``log_path``; its exit code, or why not."""
+    with open(log_path, "w") as log:
+        try:
+            return subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return f"stopped after {timeout_s:.0f} s ({flag})"
+
+
 def run_tests(args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "_kernels_shim", "-p", "no:cacheprovider",
            "--junitxml", str(out / "tests.xml"), *args.tests]
     if args.k:
         cmd += ["-k", args.k]
     started = time.time()
-    with open(out / "tests.log", "w") as log:
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=_env(args.device, autotune=False),
-                                stdout=log, stderr=subprocess.STDOUT,
-                                timeout=args.tests_s).returncode
-        except subprocess.TimeoutExpired:
-            rc = f"stopped after {args.tests_s:.0f} s (--tests-s)"
+    rc = _run_logged(cmd, out / "tests.log", _env(args.device, autotune=False), args.tests_s,
+                     "--tests-s")
     result = {"rc": rc, "wall_s": time.time() - started, **junit_counts(out / "tests.xml")}
     return result
+
+
+TARGETS = (
+    "TraDy step <= 0.8x full fine-tuning (MbV2-w0.35 128x128, b64/b256, fp32/bf16), eager "
+    "vs eager and graph vs graph: graph_step table above",
+    "masked weight gradient device time <= 1.25 r x full + 5 us on every bench shape: "
+    "kernels_core table",
+    "compaction and the fused kernel >= 70 % of the copy bandwidth: kernels_core table",
+    "largest TraDy batch under 2 GiB >= 0.8x the largest no-grad forward batch: max_batch table",
+)
+
+
+def run_graph_step(args, out: Path) -> int | str:
+    """bench/graph_step.py in a subprocess, its output kept in graph_step.log and echoed."""
+    cmd = [sys.executable, str(BENCH / "graph_step.py"), "--out", str(out),
+           "--device", args.device]
+    rc = _run_logged(cmd, out / "graph_step.log", _env(args.device, autotune=True),
+                     args.graph_s, "--graph-s")
+    print((out / "graph_step.log").read_text()[-6000:], flush=True)
+    return rc
 
 
 def run_bench(args, out: Path, seconds: float) -> int:
@@ -93,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=540,
                    help="whole session, tests and bench (default 540: the tool allows 600)")
     p.add_argument("--tests-s", type=float, default=170, help="cap on the tests (default 170)")
+    p.add_argument("--graph-s", type=float, default=120,
+                   help="cap on bench/graph_step.py (default 120)")
     p.add_argument("--quick", action="store_true", help="the bench's quick pass")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: dry run under the Triton interpreter (for this script's tests)")
@@ -108,11 +139,14 @@ def main(argv=None) -> int:
     print(f"[gpu_session] tests: {tests['tests']} run, {failed} failed or errored, "
           f"{tests['skipped']} skipped, rc {tests['rc']}, {tests['wall_s']:.0f} s "
           f"(log: {out / 'tests.log'})", flush=True)
+    graph_rc = run_graph_step(args, out)
     left = args.budget_s - (time.time() - started) - 15 - 10    # the bench's grace + margin
     bench_rc = run_bench(args, out, left) if left > 30 else "skipped: no time left"
-    print(f"[gpu_session] tests rc {tests['rc']} ({failed} failed), bench rc {bench_rc}, "
-          f"{time.time() - started:.0f} s in all", flush=True)
-    return 0 if tests["rc"] == 0 and bench_rc == 0 else 1
+    for target in TARGETS:
+        print(f"[gpu_session] target: {target}", flush=True)
+    print(f"[gpu_session] tests rc {tests['rc']} ({failed} failed), graph_step rc {graph_rc}, "
+          f"bench rc {bench_rc}, {time.time() - started:.0f} s in all", flush=True)
+    return 0 if tests["rc"] == 0 and graph_rc == 0 and bench_rc == 0 else 1
 
 
 if __name__ == "__main__":

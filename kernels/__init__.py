@@ -19,15 +19,17 @@ config instead of autotuning); :func:`trady_triton.kernels.testing.poisoned` (fi
 kernel-written buffers with NaN first). Index checks (range, repeats) cost one
 host sync per index tensor and version: they are cached on the tensor object and
 its ``_version``, so change index buffers with torch ops (``copy_``, indexing) or
-replace them, never through ``.data``.
+replace them, never through ``.data``. :func:`prepare_index` fills that cache ahead
+of the steps (the controller calls it once per selection).
 """
 
-from .activation import affine_relu_compact, relu_forward_mask
+from .activation import affine_relu_compact, prepare_index, relu_forward_mask
 from .compaction import compact_channels
 from .conv_weight_grad import conv2d_weight_grad_masked
 from .gemm_weight_grad import linear_weight_grad_masked
 from .masks import pack_mask, relu_backward_mask, unpack_mask
 
+# the kernel twins of reference.py (prepare_index, a Triton-path helper, is not one)
 __all__ = [
     "affine_relu_compact",
     "compact_channels",

@@ -305,6 +305,16 @@ def _check_unique_index(idx: Tensor, C: int) -> tuple[int, Tensor | None]:
     return K, pos
 
 
+def prepare_index(idx: Tensor, C: int) -> None:
+    """Range check and inverse map of ``idx`` for ``C`` channels, computed and cached now.
+
+    The controller calls it once per selection, so that the launchers (compaction, the
+    weight gradients, the fused BN kernel) find them cached and a training step does
+    no host sync.
+    """
+    _check_unique_index(idx, C)
+
+
 def affine_relu_compact(x: Tensor, scale: Tensor, shift: Tensor, upper: float | None,
                         idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Fused frozen BatchNorm -> ReLU/ReLU6 -> compaction of the channels ``idx``.

@@ -178,27 +178,12 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def conv2d_weight_grad_masked(
-    x_compact: Tensor,
-    grad_output: Tensor,
-    idx: Tensor,
-    weight_shape: tuple[int, int, int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    *,
-    split_k: int | None = None,
-) -> Tensor:
-    """Dense conv weight gradient with only the input channels ``idx`` filled.
+def _check_conv_args(x_compact: Tensor, grad_output: Tensor, idx: Tensor, weight_shape,
+                     stride, padding, dilation, groups) -> tuple:
+    """Validate the arguments of :func:`conv2d_weight_grad_masked` before any launch.
 
-    Same contract as :func:`trady_triton.reference.conv2d_weight_grad_masked`:
-    ``x_compact`` is ``x[:, idx]`` (``[N, K, H, W]``, any strides), ``grad_output``
-    is ``[N, O, H', W']``; the result has ``weight_shape`` and grad_output's dtype,
-    with exact zeros in the unselected slices. ``groups == 1`` and depthwise
-    (``groups == C_in``, any channel multiplier) run Triton kernels; other grouped
-    convs fall back to the plain-PyTorch reference. ``split_k`` forces the number
-    of reduction splits (tests); None picks it from the GPU's size.
+    Returns ``(O, in_per_group, KH, KW, stride, padding, dilation, K)`` with the conv
+    parameters as int pairs.
     """
     _checks.check_float("x_compact", x_compact)
     _checks.check_float("grad_output", grad_output)
@@ -223,8 +208,14 @@ def conv2d_weight_grad_masked(
     if x_compact.dim() != 4 or grad_output.dim() != 4:
         raise ValueError(f"x_compact, grad_output: expected 4-D tensors, got shapes "
                          f"{tuple(x_compact.shape)} and {tuple(grad_output.shape)}")
-    C = in_per_group * groups
-    K = _checks.check_index("idx", idx, C, what="input channels")
+    K = _checks.check_index("idx", idx, in_per_group * groups, what="input channels")
+    _check_conv_shapes(x_compact, grad_output, K, tuple(weight_shape), stride, padding, dilation)
+    return O, in_per_group, KH, KW, stride, padding, dilation, K
+
+
+def _check_conv_shapes(x_compact, grad_output, K, weight_shape, stride, padding, dilation):
+    """x_compact holds K channels and grad_output has the conv's output shape."""
+    O, _, KH, KW = weight_shape
     N, Kx, H, W = x_compact.shape
     if Kx != K:
         raise ValueError(f"x_compact: dim 1 must equal idx.numel() = {K}, "
@@ -234,30 +225,65 @@ def conv2d_weight_grad_masked(
     expected = (N, O, P, Q)
     if tuple(grad_output.shape) != expected:
         raise ValueError(f"grad_output: expected shape {expected} from x_compact "
-                         f"{tuple(x_compact.shape)}, weight_shape {tuple(weight_shape)}, "
+                         f"{tuple(x_compact.shape)}, weight_shape {weight_shape}, "
                          f"stride {stride}, padding {padding}, dilation {dilation}; "
                          f"got {tuple(grad_output.shape)}")
     if P < 1 or Q < 1:
         raise ValueError(f"x_compact: spatial size {(H, W)} is too small for kernel "
                          f"{(KH, KW)} with padding {padding} and dilation {dilation}")
     _checks.check_int32_range("N*H'*W' (the reduction length)", 2 * N * P * Q)
+
+
+def _launch_pointwise(x_compact: Tensor, grad_output: Tensor, idx: Tensor, out: Tensor,
+                      O: int, K: int, C: int, split_k) -> None:
+    """A 1x1 stride-1 unpadded conv is a plain GEMM over (n, h*w): the GEMM kernel.
+
+    Its x / dy strides need mergeable H, W (else one contiguous copy)."""
+    N, _, H, W = x_compact.shape
+    xv = _checks.view3d(x_compact, 1)
+    dv = _checks.view3d(grad_output, 1)
+    if xv is None:
+        x_compact = x_compact.contiguous()
+        xv = _checks.view3d(x_compact, 1)
+    if dv is None:
+        grad_output = grad_output.contiguous()
+        dv = _checks.view3d(grad_output, 1)
+    launch_gemm_wgrad(x_compact, grad_output, idx, out, O, K, C, N, H * W,
+                      (xv[3], xv[4], xv[5]), (dv[3], dv[4], dv[5]), C, 1, split_k)
+
+
+def conv2d_weight_grad_masked(
+    x_compact: Tensor,
+    grad_output: Tensor,
+    idx: Tensor,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    split_k: int | None = None,
+) -> Tensor:
+    """Dense conv weight gradient with only the input channels ``idx`` filled.
+
+    Same contract as :func:`trady_triton.reference.conv2d_weight_grad_masked`:
+    ``x_compact`` is ``x[:, idx]`` (``[N, K, H, W]``, any strides), ``grad_output``
+    is ``[N, O, H', W']``; the result has ``weight_shape`` and grad_output's dtype,
+    with exact zeros in the unselected slices. ``groups == 1`` and depthwise
+    (``groups == C_in``, any channel multiplier) run Triton kernels; other grouped
+    convs fall back to the plain-PyTorch reference. ``split_k`` forces the number
+    of reduction splits (tests); None picks it from the GPU's size.
+    """
+    O, in_per_group, KH, KW, stride, padding, dilation, K = _check_conv_args(
+        x_compact, grad_output, idx, weight_shape, stride, padding, dilation, groups)
+    C = in_per_group * groups
     out = torch.zeros((O, in_per_group, KH, KW), dtype=grad_output.dtype,
                       device=grad_output.device)
-    if K == 0 or N == 0:
+    if K == 0 or x_compact.shape[0] == 0:
         return out
     if groups == 1:
         if (KH, KW) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-            # pointwise: a plain GEMM over (n, h*w); x/dy strides need mergeable H, W
-            xv = _checks.view3d(x_compact, 1)
-            dv = _checks.view3d(grad_output, 1)
-            if xv is None:
-                x_compact = x_compact.contiguous()
-                xv = _checks.view3d(x_compact, 1)
-            if dv is None:
-                grad_output = grad_output.contiguous()
-                dv = _checks.view3d(grad_output, 1)
-            launch_gemm_wgrad(x_compact, grad_output, idx, out, O, K, C, N, H * W,
-                              (xv[3], xv[4], xv[5]), (dv[3], dv[4], dv[5]), C, 1, split_k)
+            _launch_pointwise(x_compact, grad_output, idx, out, O, K, C, split_k)
         else:
             _launch_conv(x_compact, grad_output, idx, out, O, K, C, KH, KW, stride, padding,
                          dilation, split_k)
@@ -268,7 +294,7 @@ def conv2d_weight_grad_masked(
         return out
     # General grouped convs (neither groups == 1 nor depthwise): plain PyTorch.
     from ..reference import conv2d_weight_grad_masked as _reference
-    return _reference(x_compact, grad_output, idx, tuple(weight_shape), stride, padding,
+    return _reference(x_compact, grad_output, idx, (O, in_per_group, KH, KW), stride, padding,
                       dilation, groups)
 
 

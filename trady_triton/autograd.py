@@ -13,7 +13,8 @@ are already resident and cost nothing extra):
 * ``AffineClamp`` (CPU): BN -> ReLU/ReLU6 in one pass when no compact copy is
   needed; a 1-bit mask.
 
-Kernels come from ``dispatch.ops_for``: Triton on CUDA, ``cpu_kernels.py`` on CPU.
+Kernels are the ``torch.ops.trady`` ops of ``ops.py``: Triton on CUDA, ``cpu_kernels.py`` on
+CPU (``reference.py`` with the ``reference`` backend).
 
 Every backward is first-order only (``@first_order_only``, see ``first_order.py``):
 run with ``create_graph=True`` it raises an error naming the layer.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from . import ops
 from .dispatch import ops_for
 from .first_order import first_order_only
 
@@ -75,7 +77,7 @@ class SelectedConv2d(Function):
             elif x_compact is not None:   # produced by a fused upstream kernel
                 saved = x_compact
             else:
-                saved = ops_for(x).compact_channels(x, idx, 1)
+                saved = ops.compact_channels(x, idx, 1)
             saved = _as(saved, y.dtype)   # autocast: keep what the conv computed with
         else:
             saved = None
@@ -96,7 +98,7 @@ class SelectedConv2d(Function):
                 grad_w = torch.nn.grad.conv2d_weight(saved, weight.shape, grad_y, stride,
                                                      padding, dilation, groups)
             else:
-                grad_w = ops_for(grad_y).conv2d_weight_grad_masked(
+                grad_w = ops.conv2d_weight_grad_masked(
                     saved, grad_y, idx, tuple(weight.shape), stride, padding, dilation, groups)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(dim=(0, 2, 3))
@@ -136,7 +138,7 @@ class SelectedLinear(Function):
             elif x_compact is not None:
                 saved = x_compact
             else:
-                saved = ops_for(x).compact_channels(x, idx, x.dim() - 1)
+                saved = ops.compact_channels(x, idx, x.dim() - 1)
             saved = _as(saved, y.dtype)
         else:
             saved = None
@@ -154,7 +156,7 @@ class SelectedLinear(Function):
             if ctx.full:
                 grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ saved.reshape(-1, saved.shape[-1])
             else:
-                grad_w = ops_for(grad_y).linear_weight_grad_masked(saved, grad_y, idx,
+                grad_w = ops.linear_weight_grad_masked(saved, grad_y, idx,
                                                                    weight.shape[1])
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
@@ -219,7 +221,7 @@ class MaskedClamp(Function):
 
     @staticmethod
     def forward(ctx, x, upper, inplace):
-        y, packed = ops_for(x).relu_forward_mask(x, upper)
+        y, packed = ops.relu_forward_mask(x, upper)
         ctx.shape = x.shape
         ctx.save_for_backward(packed)
         if inplace:
@@ -232,7 +234,7 @@ class MaskedClamp(Function):
     @first_order_only("TraDyReLU / TraDyReLU6 (a converted nn.ReLU / nn.ReLU6)")
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
-        return ops_for(grad_y).relu_backward_mask(grad_y.contiguous(), packed), None, None
+        return ops.relu_backward_mask(grad_y, packed), None, None
 
 
 class FusedAffineClamp(Function):
@@ -245,7 +247,7 @@ class FusedAffineClamp(Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, upper, idx):
-        y, packed, compact = ops_for(x).affine_relu_compact(x, scale, shift, upper, idx)
+        y, packed, compact = ops.affine_relu_compact(x, scale, shift, upper, idx)
         ctx.mark_non_differentiable(compact)
         ctx.scale = scale
         ctx.save_for_backward(packed)
@@ -271,7 +273,7 @@ class AffineClamp(Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, upper):
-        y, packed = ops_for(x).affine_clamp_mask(x, scale, shift, upper)
+        y, packed = ops.affine_clamp_mask(x, scale, shift, upper)
         ctx.scale = scale
         ctx.save_for_backward(packed)
         return y
@@ -285,8 +287,4 @@ class AffineClamp(Function):
 
 def _mask_scale_backward(grad_y: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
     """The mask, then the frozen BN's scale: one pass where the kernels fuse them."""
-    ops = ops_for(grad_y)
-    if hasattr(ops, "mask_scale_backward"):
-        return ops.mask_scale_backward(grad_y, packed, scale)
-    grad = ops.relu_backward_mask(grad_y.contiguous(), packed)   # the Triton kernels
-    return grad * _per_channel(scale.to(grad.dtype), grad.dim())
+    return ops.mask_scale_backward(grad_y, packed, scale)

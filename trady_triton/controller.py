@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import cost as C
 from . import sampling
 from .convert import unswap_modules
+from .dispatch import check_channel_index, prepare_index
 from .profile import Profile, profile_model
 from .ranking import LayerRanking, channel_rgn, default_pool, DEFAULT_COVERAGE
 from .snapshot import UserFlags, training_flags_and_buffers_kept
@@ -233,10 +234,7 @@ class TraDyController:
         for name, channels in selection.items():
             if name not in by_name or by_name[name].is_classifier:
                 raise ValueError(f"selection: unknown or classifier layer {name!r}")
-            if channels.numel() and (int(channels.min()) < 0
-                                     or int(channels.max()) >= by_name[name].in_channels):
-                raise ValueError(f"selection[{name!r}]: channels must be in "
-                                 f"[0, {by_name[name].in_channels})")
+            check_channel_index(f"selection[{name!r}]", channels, by_name[name].in_channels)
         self.selection = {k: v.clone() for k, v in selection.items() if v.numel()}
         for layer in self.layers:
             if layer.is_classifier:
@@ -245,7 +243,8 @@ class TraDyController:
             channels = self.selection.get(layer.name)
             module.weight.requires_grad_(channels is not None)
             if channels is not None:
-                module.selected_channels = channels.to(module.weight.device)
+                module.selected_channels = prepare_index(channels.to(module.weight.device),
+                                                         layer.in_channels)
         self._apply_classifier()
 
     def score_channels(self, batches: Iterable, loss_fn: Callable = F.cross_entropy) -> None:
