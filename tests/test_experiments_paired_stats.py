@@ -142,3 +142,12 @@ def test_summary_pairs_seeds_per_data_set_and_pooled(template):
     low, high = comps["fmnist"]["stats"]["ci_low"], comps["fmnist"]["stats"]["ci_high"]
     assert f"[{100 * low:+.1f}, {100 * high:+.1f}]" in text
     assert "whole-run cosine" in text
+
+
+def test_mean_curves_average_seeds_per_policy_and_skip_untracked_runs():
+    lines = [{"model": "m", "data": "d", "policy": "d-topk", "budget": "b", "coverage": c}
+             for c in ([0.1, 0.3, 0.5], [0.2, 0.4, 0.9])]
+    lines.append({"model": "m", "data": "d", "policy": "s-topk", "budget": "b"})
+    curves = E.mean_curves(lines, "coverage")
+    assert list(curves) == [("m", "d", "d-topk", "b")]
+    assert curves[("m", "d", "d-topk", "b")] == pytest.approx([0.15, 0.35, 0.7])

@@ -318,6 +318,18 @@ def _tracking_curves(epochs) -> dict:
             for key in ("coverage", "cosine_epoch", "cosine_cum")}
 
 
+def mean_curves(lines: list[dict], key: str) -> dict[tuple, list[float]]:
+    """Per (model, data, policy, budget): the per-epoch ``key`` curve of compact run lines
+    (``summarize --runs-jsonl``), averaged over seeds; lines without the curve are left out."""
+    groups: dict[tuple, list[list[float]]] = {}
+    for line in lines:
+        if line.get(key):
+            groups.setdefault((line["model"], line["data"], line["policy"], line["budget"]),
+                              []).append(line[key])
+    return {k: [statistics.fmean(values) for values in zip(*curves)]
+            for k, curves in sorted(groups.items())}
+
+
 def _cell(spread: dict) -> str:
     if not spread.get("n"):
         return "-"
