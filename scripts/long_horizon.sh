@@ -17,7 +17,7 @@ esac
 for seed in ${SEEDS:-0 1 2 3 4}; do
   trady-experiments sweep --models "$model" --data fashion-mnist mnist \
     --policies d-topk s-topk d-fullrandom s-fullrandom --budgets "$budget" --seeds "$seed" \
-    --resolution 64 --epochs 30 --warmup-epochs 3 --train-subset 128 --test-subset 2000 \
+    --resolution 64 --epochs 30 --warmup-epochs 3 --train-subset 96 --test-subset 2000 \
     --eval-every 30 --track-updates --lrs-from "docs/results/long_lr_search_$model.json" \
     --out runs/long --quiet
 done
