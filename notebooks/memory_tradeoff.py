@@ -20,6 +20,9 @@ import os
 MODE = os.environ.get("TRADY_NOTEBOOK_MODE", "full")   # "small" (CI) or "full"
 RECORDS_DIR = "../runs/sweep"                      # relative to notebooks/
 SUMMARY_JSON = "../docs/results/summary.json"      # used when RECORDS_DIR holds no records
+LONG_RUNS_JSONL = "../docs/results/long_horizon_runs.jsonl"     # the 30-epoch experiment
+LONG_SUMMARY_JSON = "../docs/results/long_horizon_summary.json"
+LONG_PLOT_PNG = "../docs/results/long_horizon.png"   # written in the full mode, for the docs
 SMALL_RUNS = dict(models=["mcunet-in1"], datasets=["digits"],
                   policies=["d-topk", "s-topk", "classifier-only", "full"],
                   budgets=["small", "large"], seeds=[0],
@@ -162,6 +165,60 @@ if comps:
                           for c in comps],
                          ["model", "data", "budget", "comparison", "mean", "sd", "wins"],
                          {"mean": "+.1f", "sd": ".1f"}))
+
+# %% [markdown]
+# ## Dynamic against static over 30 epochs: accuracy, coverage and the Eq. 9 cosine
+#
+# The long-horizon experiment of docs/EXPERIMENTS.md (MCUNet-in1 and MobileNetV2-w0.35 at the
+# paper's smallest budget, 64 px, 30 epochs, 5 seeds, Fashion-MNIST and MNIST), read from its
+# committed one-line-per-run file in both modes. Top: paired accuracy difference (same seed)
+# with its 95 % t interval. Middle and bottom: per epoch, mean over seeds and both data sets,
+# the share of the top-K pool's channels trained so far (coverage) and the cosine between the
+# sparse and the full update summed from the first epoch.
+
+# %%
+long_lines = [json.loads(line) for line in Path(LONG_RUNS_JSONL).read_text().splitlines()] \
+    if Path(LONG_RUNS_JSONL).exists() else []
+long_summary = json.loads(Path(LONG_SUMMARY_JSON).read_text()) \
+    if Path(LONG_SUMMARY_JSON).exists() else {"comparisons": []}
+if not long_lines:
+    print(f"no {LONG_RUNS_JSONL}: run scripts/long_horizon.sh, then summarize (docs/EXPERIMENTS.md)")
+else:
+    long_models = sorted({line["model"] for line in long_lines})
+    fig, axes = plt.subplots(3, len(long_models), figsize=(6.4 * len(long_models), 10.5),
+                             squeeze=False)
+    pairs = [("d-topk", "s-topk"), ("d-fullrandom", "s-fullrandom"), ("d-topk", "d-fullrandom")]
+    styles = {"d-topk": ("C0", "-"), "s-topk": ("C0", "--"), "d-fullrandom": ("C1", "-"),
+              "s-fullrandom": ("C1", "--")}
+    for col, model in enumerate(long_models):
+        ax = axes[0, col]
+        comps = [c for c in long_summary["comparisons"] if c["model"] == model
+                 and (c["a"], c["b"]) in pairs and c.get("stats", {}).get("ci_low") is not None]
+        for i, c in enumerate(comps):
+            st = c["stats"]
+            ax.errorbar(100 * st["mean"], i, xerr=[[100 * (st["mean"] - st["ci_low"])],
+                        [100 * (st["ci_high"] - st["mean"])]], fmt="o", capsize=3)
+        ax.set_yticks(range(len(comps)),
+                      [f"{c['a']} − {c['b']}\n{c['data']}" for c in comps], fontsize=7)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("paired accuracy difference, points (95 % t interval)")
+        ax.set_title(model)
+        for row, key, label in ((1, "coverage", "pool coverage"),
+                                (2, "cosine_cum", "cosine, sums from epoch 1")):
+            ax = axes[row, col]
+            curves = E.mean_curves([l for l in long_lines if l["model"] == model], key)
+            for policy, (color, dash) in styles.items():
+                per_data = [v for (m, d, p, b), v in curves.items() if p == policy]
+                if per_data:
+                    ax.plot(range(1, len(per_data[0]) + 1), np.mean(per_data, axis=0),
+                            color=color, ls=dash, label=policy)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if MODE == "full":
+        fig.savefig(LONG_PLOT_PNG, dpi=80)
+    plt.show()
 
 # %% [markdown]
 # ## Reading (full mode, on our data)

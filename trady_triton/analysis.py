@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -169,15 +169,17 @@ def selection_masks(controller, selection: dict[str, torch.Tensor] | None = None
 
 
 def full_gradients(controller, x: torch.Tensor, y: torch.Tensor,
-                   loss_fn: Callable = F.cross_entropy, with_classifier: bool = True
+                   loss_fn: Callable = F.cross_entropy, with_classifier: bool = True,
+                   layers: Collection[str] | None = None
                    ) -> tuple[Grads, Grads, float, torch.Tensor]:
-    """Full weight gradient of every body layer (all input channels) at the current weights.
+    """Full weight gradient of every body layer (all input channels) at the current weights;
+    of the body layers named in ``layers`` only, when given (the backward stops earlier).
 
     Returns ``(body grads by layer name, classifier grads by parameter name, loss, logits)``.
     Runs one backward through the converted model with every body weight trainable and every
     channel selected (as ``controller.score_channels`` does), then restores the selection.
     """
-    body = _body(controller)
+    body = [l for l in _body(controller) if layers is None or l.name in layers]
     weights = [controller.modules[l.name].weight for l in body]
     head = controller.model.get_submodule(controller.classifier) \
         if (with_classifier and controller.classifier) else None

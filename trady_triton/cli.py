@@ -136,6 +136,12 @@ _RUN_OPTIONS = (
     ("coverage", _HOW, dict(help="share of the ranking's total RGN that the top-K layers "
                             "cover (default 0.97, the paper's)")),
     ("max_batches", _HOW, dict(help="stop each epoch after N batches (smoke tests)")),
+    ("eval_every", _HOW, dict(metavar="N", help="evaluate every N epochs and after the last "
+                              "(default: every epoch)")),
+    ("track_updates", _HOW, dict(action="store_true", help=(
+        "record per epoch the top-K pool's coverage (channels trained so far) and the cosine "
+        "of the epoch-summed sparse update with the epoch-summed full gradient (the paper's "
+        "Eq. 9); costs one extra forward and backward per step"))),
     ("threads", _RUN, dict(help=(
         "CPU threads of torch (default: 1 with the fast preset, whose small maps gain little "
         "from more and which a busy shared CPU slows down badly with more; torch's choice "
@@ -197,7 +203,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
         keywords = dict(keywords)
-        if "choices" not in keywords:
+        if "choices" not in keywords and "action" not in keywords:
             keywords["type"] = _field_type(name)
         keywords.setdefault("default", _CONFIG_FIELDS[name].default)
         groups[group].add_argument("--" + name.replace("_", "-"), **keywords)

@@ -46,6 +46,8 @@ class RunConfig:
     max_batches: int | None = None      # cap on batches per epoch (smoke tests)
     threads: int | None = None
     max_epochs_this_call: int | None = None   # stop after this many epochs (then --resume)
+    eval_every: int | None = None       # evaluate every N epochs and after the last (None: each)
+    track_updates: bool = False         # per-epoch pool coverage and Eq. 9 cosine (extra backward)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,10 +173,15 @@ def resolve(config: RunConfig) -> Settings:
         val_subset = 320
     score_batches = int(_pick(config.score_batches, preset.score_batches))
     for name, value in (("score_batches", score_batches), ("val_subset", config.val_subset),
-                        ("max_batches", config.max_batches), ("threads", config.threads)):
+                        ("max_batches", config.max_batches), ("threads", config.threads),
+                        ("eval_every", config.eval_every)):
         if value is not None and value < 1:
             raise UsageError(f"{name}={value}: allowed values are integers >= 1")
     budget = _budget(config, policy, resolution)
+    if config.track_updates and (preset.momentum or preset.weight_decay):
+        raise UsageError(f"track_updates=True: allowed only with plain SGD (preset "
+                         f"{preset.name!r} has momentum {preset.momentum}, weight decay "
+                         f"{preset.weight_decay}): the sparse update is read off the weights")
     return Settings(preset=preset.name, resolution=resolution, epochs=epochs,
                     warmup_epochs=warmup, batch_size=batch, lr=lr, lr_source=lr_source,
                     momentum=preset.momentum, weight_decay=preset.weight_decay,

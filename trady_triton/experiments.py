@@ -16,7 +16,9 @@ budget-free policies (classifier-only, full) run once per seed, not once per bud
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -189,7 +191,41 @@ def _summary_row(key: tuple, rs: list[RunRecord]) -> dict:
         "epochs": first.settings.epochs,
         "top_k": first.model.ranking.get("top_k"),
         "ranking_key": first.model.ranking.get("key"),
+        **_tracking_means(rs),
     }
+
+
+def _tracking_means(rs: list[RunRecord]) -> dict:
+    """Means over seeds of the update tracking (track_updates): the last epoch's coverage
+    and cumulative cosine, and the per-epoch cosine averaged over epochs; {} when untracked."""
+    tracked = [[e.update_tracking for e in r.epochs] for r in rs]
+    if not all(t and all(t) for t in tracked):
+        return {}
+    return {"coverage_final": statistics.fmean(t[-1]["coverage"] for t in tracked),
+            "cosine_cum_final": statistics.fmean(t[-1]["cosine_cum"] for t in tracked),
+            "cosine_epoch_mean": statistics.fmean(
+                statistics.fmean(e["cosine_epoch"] for e in t) for t in tracked)}
+
+
+CONFIDENCE = 0.95
+
+
+def paired_statistics(diffs: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Paired differences: mean, sample std, the t confidence interval of the mean, and the
+    two-sided exact sign test (ties dropped; p = 1 when every pair ties)."""
+    from scipy import stats
+
+    n = len(diffs)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    out = {"n": n, "mean": statistics.fmean(diffs) if n else None,
+           "std": statistics.stdev(diffs) if n > 1 else None, "confidence": confidence,
+           "ci_low": None, "ci_high": None, "wins": wins, "losses": losses,
+           "ties": n - wins - losses,
+           "sign_test_p": stats.binomtest(wins, wins + losses).pvalue if wins + losses else 1.0}
+    if n > 1:
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * out["std"] / math.sqrt(n)
+        out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+    return out
 
 
 _PAIRS = (("d-topk", "s-topk"), ("d-topk", "d-fullrandom"), ("d-fullrandom", "s-fullrandom"),
@@ -218,7 +254,8 @@ def _paired_comparisons(by_key: dict) -> list[dict]:
         comparisons.append({"model": model, "data": data, "budget": budget, "a": a, "b": b,
                             "seeds": common, "diffs": diffs, "diff": _spread(diffs),
                             "wins": sum(d > 0 for d in diffs),
-                            "ties": sum(d == 0 for d in diffs)})
+                            "ties": sum(d == 0 for d in diffs),
+                            "stats": paired_statistics(diffs)})
     return comparisons
 
 
@@ -247,7 +284,8 @@ def pool_comparisons(comparisons: list[dict]) -> list[dict]:
             if diffs:
                 pooled.append({"model": model, "a": a, "b": b, "diff": _spread(diffs),
                                "wins": sum(d > 0 for d in diffs),
-                               "losses": sum(d < 0 for d in diffs)})
+                               "losses": sum(d < 0 for d in diffs),
+                               "stats": paired_statistics(diffs)})
     return pooled
 
 
@@ -268,7 +306,28 @@ def compact_record(record: RunRecord | dict) -> dict:
         "draw_digest": [e.draw_digest for e in epochs],
         "saved_bytes_measured": [e.saved_bytes_measured for e in epochs],
         "epoch_wall_s": [e.wall_s for e in epochs],
+        **_tracking_curves(epochs),
     }
+
+
+def _tracking_curves(epochs) -> dict:
+    """Per-epoch coverage and cosines of a tracked run (track_updates); {} otherwise."""
+    if not epochs or not all(e.update_tracking for e in epochs):
+        return {}
+    return {key: [e.update_tracking[key] for e in epochs]
+            for key in ("coverage", "cosine_epoch", "cosine_cum")}
+
+
+def mean_curves(lines: list[dict], key: str) -> dict[tuple, list[float]]:
+    """Per (model, data, policy, budget): the per-epoch ``key`` curve of compact run lines
+    (``summarize --runs-jsonl``), averaged over seeds; lines without the curve are left out."""
+    groups: dict[tuple, list[list[float]]] = {}
+    for line in lines:
+        if line.get(key):
+            groups.setdefault((line["model"], line["data"], line["policy"], line["budget"]),
+                              []).append(line[key])
+    return {k: [statistics.fmean(values) for values in zip(*curves)]
+            for k, curves in sorted(groups.items())}
 
 
 def _cell(spread: dict) -> str:
@@ -331,11 +390,41 @@ def _model_data_section(sub: list[dict], model: str, data: str) -> list[str]:
             "Memory and compute per budget (mean over policies' seeds; classifier excluded "
             "from units and sparsities; saved bytes = measured bytes autograd keeps for "
             f"backward at batch 32, which equal the cost model's in every run {checked}):", "",
-            _memory_table(sub, order), ""]
+            _memory_table(sub, order), ""] + _tracking_section(sub, order)
+
+
+def _tracking_section(sub: list[dict], order: list[str]) -> list[str]:
+    """Coverage and the Eq. 9 cosines of tracked runs (track_updates), per policy and budget."""
+    tracked = sorted((r for r in sub if "coverage_final" in r),
+                     key=lambda r: (order.index(r["policy"]), r["budget"]))
+    if not tracked:
+        return []
+    return ["Over the top-K pool's layers, mean over seeds: coverage = share of the pool's "
+            "channels trained in at least one epoch by the end; cosine of the epoch-summed "
+            "sparse update with the epoch-summed full gradient, averaged over epochs, and of the "
+            "sums over the whole run:", "",
+            markdown_table(["policy", "budget", "coverage %", "mean epoch cosine",
+                            "whole-run cosine"],
+                           [[r["policy"], r["budget"], pct(r["coverage_final"]),
+                             f"{r['cosine_epoch_mean']:.3f}", f"{r['cosine_cum_final']:.3f}"]
+                            for r in tracked]), ""]
 
 
 def _diff(c: dict) -> str:
     return f"{100 * c['diff']['mean']:+.1f} ± {100 * c['diff']['std']:.1f}"
+
+
+def _interval(c: dict) -> str:
+    """The t interval and the sign test's p of a comparison (older summaries lack them)."""
+    st = c.get("stats")
+    if not st or st["ci_low"] is None:
+        return "-"
+    return (f"[{100 * st['ci_low']:+.1f}, {100 * st['ci_high']:+.1f}]; "
+            f"p = {st['sign_test_p']:.3g}")
+
+
+_CI_NOTE = ("Interval: mean ± t(0.975, n − 1) · std / √n over the n paired differences; "
+            "sign test: two-sided exact binomial test of wins against losses (ties dropped).")
 
 
 def format_markdown(summary: dict) -> str:
@@ -347,16 +436,19 @@ def format_markdown(summary: dict) -> str:
         lines += _model_data_section(sub, model, data)
     comps = [c for c in summary["comparisons"] if c["diff"].get("n")]
     if summary["comparisons"]:
-        lines += ["### Paired differences (same seed), accuracy points", "", markdown_table(
-            ["model", "data", "budget", "comparison", "mean diff ± std", "wins / seeds"],
+        lines += ["### Paired differences (same seed), accuracy points", "",
+                  f"{_CI_NOTE}", "", markdown_table(
+            ["model", "data", "budget", "comparison", "mean diff ± std", "95% t interval; sign test",
+             "wins / seeds"],
             [[c["model"], c["data"], c["budget"], f"{c['a']} − {c['b']}", _diff(c),
-              f"{c['wins']} / {c['diff']['n']}"] for c in comps]), ""]
+              _interval(c), f"{c['wins']} / {c['diff']['n']}"] for c in comps]), ""]
     pooled = summary.get("pooled") or []
     if pooled:
         lines += ["### Paired differences pooled over data sets and budgets, accuracy points",
                   "", markdown_table(
-                      ["comparison", "model", "mean diff ± std", "wins / losses / pairs"],
-                      [[f"{c['a']} − {c['b']}", c["model"], _diff(c),
+                      ["comparison", "model", "mean diff ± std", "95% t interval; sign test",
+                       "wins / losses / pairs"],
+                      [[f"{c['a']} − {c['b']}", c["model"], _diff(c), _interval(c),
                         f"{c['wins']} / {c['losses']} / {c['diff']['n']}"] for c in pooled]), ""]
     return "\n".join(lines)
 
@@ -413,8 +505,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
                        ("--train-subset", "training images"), ("--test-subset", "test images"),
                        ("--val-subset", "validation images (tune-lr)"),
                        ("--max-batches", "batches per epoch"),
-                       ("--score-batches", "batches the DetRGN oracles score on")):
+                       ("--score-batches", "batches the DetRGN oracles score on"),
+                       ("--warmup-epochs", "warm-up epochs (default: the preset's, at most "
+                        "epochs - 1)")):
         over.add_argument(flag, type=int, help=f"{what} (default: the preset's)")
+    over.add_argument("--eval-every", type=int, metavar="N",
+                      help="evaluate every N epochs and after the last (default: every epoch)")
+    over.add_argument("--track-updates", action="store_true",
+                      help="record per epoch the top-K pool's coverage and the cosine of the "
+                      "epoch-summed sparse update with the epoch-summed full gradient (Eq. 9; "
+                      "one extra forward and backward per step, docs/EXPERIMENTS.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lr", type=float,
                        help="one learning rate for every policy (a control run; default: the "
                        "preset's per-policy rates)")
+    sweep.add_argument("--lrs-from", nargs="+", metavar="JSON",
+                       help="per-policy learning rates from tune-lr --json files (their "
+                       "'chosen' {model: {policy: lr}}; later files win); default: the preset's")
     sweep.add_argument("--out", default="runs/sweep", help="root folder of the runs")
     sweep.add_argument("--summary", action="store_true",
                        help="print the summary table when done")
@@ -463,6 +566,29 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--json", help="write the summary JSON here")
     summ.add_argument("--runs-jsonl", help="write one compact JSON line per run here")
     return parser
+
+
+def load_chosen_lrs(paths: list[str]) -> dict[str, dict[str, float]]:
+    """The ``chosen`` rates of tune-lr JSON files, merged (later files win)."""
+    chosen: dict[str, dict[str, float]] = {}
+    for path in paths:
+        try:
+            table = json.loads(Path(path).read_text())["chosen"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"--lrs-from {path}: not a tune-lr --json file ({error})") from None
+        for model, rates in table.items():
+            chosen.setdefault(model, {}).update(rates)
+    return chosen
+
+
+def with_chosen_lrs(jobs: list[Job], chosen: dict[str, dict[str, float]]) -> list[Job]:
+    """Each job with its (model, policy)'s chosen rate; ValueError naming a missing one."""
+    missing = sorted({(j.model, j.policy) for j in jobs
+                      if j.policy not in chosen.get(j.model, {})})
+    if missing:
+        raise ValueError(f"--lrs-from: no chosen rate for (model, policy) {missing}; the files "
+                         f"have {({m: sorted(r) for m, r in chosen.items()})}")
+    return [dataclasses.replace(j, lr=chosen[j.model][j.policy]) for j in jobs]
 
 
 def _write(path: str, text: str) -> None:
@@ -514,9 +640,11 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {key: getattr(args, key) for key in ("epochs", "resolution", "train_subset",
                                                  "test_subset", "val_subset", "max_batches",
-                                                 "score_batches")
+                                                 "score_batches", "warmup_epochs", "eval_every")
              if getattr(args, key) is not None}
-    if "epochs" in extra:
+    if args.track_updates:
+        extra["track_updates"] = True
+    if "epochs" in extra and "warmup_epochs" not in extra:
         extra["warmup_epochs"] = min(PRESETS[args.preset].warmup_epochs, extra["epochs"] - 1)
 
     started = time.perf_counter()
@@ -524,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             jobs = plan(args.models, args.data, args.policies, args.budgets, args.seeds,
                         lrs=(args.lr,))
+            if args.lrs_from:
+                try:
+                    jobs = with_chosen_lrs(jobs, load_chosen_lrs(args.lrs_from))
+                except ValueError as error:
+                    print(f"{PROG}: error: {error}", file=sys.stderr)
+                    return 2
             log(f"{PROG}: {len(jobs)} runs into {args.out} ({command})")
             counts = run_jobs(jobs, Path(args.out), preset=args.preset, threads=args.threads,
                               extra=extra, log=log, command=command)

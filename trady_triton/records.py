@@ -34,7 +34,7 @@ class EpochRecord(_Section):
     train_loss: float | None        # None: not finite (diverged)
     train_accuracy: float
     eval_loss: float | None
-    eval_accuracy: float
+    eval_accuracy: float | None     # None: not evaluated this epoch (eval_every)
     eval_split: str
     channels_drawn: int
     layers_trained: int
@@ -55,6 +55,13 @@ class EpochRecord(_Section):
     train_s: float
     eval_s: float
     wall_s: float
+    update_tracking: dict | None = None     # track_updates: coverage and the Eq. 9 cosine
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["update_tracking"] is None:      # absent from records that never tracked
+            del out["update_tracking"]
+        return out
 
 
 @dataclass
@@ -203,7 +210,8 @@ def summarize(record: RunRecord) -> RunSummary:
     return RunSummary(
         epochs_done=len(epochs),
         eval_accuracy=last.eval_accuracy, eval_split=last.eval_split,
-        best_eval_accuracy=max(e.eval_accuracy for e in epochs),
+        best_eval_accuracy=max((e.eval_accuracy for e in epochs if e.eval_accuracy is not None),
+                               default=None),
         train_loss=last.train_loss,
         saved_bytes_measured=last.saved_bytes_measured,
         saved_bytes_model=last.saved_bytes_model.get("total"),

@@ -52,11 +52,13 @@ from .records import (RECORD_FORMAT, RECORD_VERSION, DataFacts, EpochRecord,  # 
                       MemoryFacts, ModelFacts, RunRecord, RunSummary, summarize)
 from .sampling import get_policy
 from .tables import mib, pct, text_table
+from .update_tracking import UpdateTracker
 
 CHECKPOINT_FORMAT = "trady-finetune-checkpoint"
 RECORD_FILE = "record.json"
 TABLE_FILE = "table.txt"
 CHECKPOINT_FILE = "checkpoint.pt"
+TRACKER_KEY = "update_tracker"      # the UpdateTracker's sums in a checkpoint (track_updates)
 
 # config fields that may differ between a run and its resumption
 _RESUME_FREE = ("threads", "quiet", "max_epochs_this_call")
@@ -226,15 +228,20 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def train_one_epoch(model: nn.Module, controller, optimizer: torch.optim.Optimizer,
                     images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor],
-                    scheduler: LambdaLR, desc: str = "train") -> dict:
+                    scheduler: LambdaLR, desc: str = "train",
+                    before_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> dict:
     """One epoch of SGD over ``batches`` (one scheduler step per batch); measures saved
-    bytes on the first batch."""
+    bytes on the first batch. ``before_step(x, y)`` runs before each step's forward, outside
+    the measurement."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     measured = analytic = None
     for index, batch in enumerate(progress_bar(batches, desc=desc, total=len(batches))):
         x, y = images[batch].contiguous(), labels[batch]
         optimizer.zero_grad(set_to_none=True)
+        if before_step is not None:
+            before_step(x, y)
         if index == 0:
             with saved_tensor_bytes(model) as saved:
                 logits = model(x)
@@ -310,7 +317,7 @@ def write_record(record: RunRecord | dict, out_dir: Path) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, controller, epoch: int, config: RunConfig,
-                    record: dict) -> None:
+                    record: dict, extra: dict | None = None) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -322,6 +329,7 @@ def save_checkpoint(path: Path, model, optimizer, controller, epoch: int, config
                 "python_gauss": random.getstate()[2]},
         "config_json": json.dumps(config.as_dict(), sort_keys=True),
         "record_json": json.dumps(record),
+        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -365,6 +373,7 @@ class Run:
     out: Path | None
     log: Callable[[str], None]
     started: float
+    tracker: UpdateTracker | None = None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -474,8 +483,9 @@ def prepare_run(config: RunConfig, settings: Settings, out: Path | None, threads
                            trady_full_analytic_bytes=full_analytic_bytes(controller,
                                                                          len(example))),
         environment=_environment(threads))
+    tracker = UpdateTracker(controller, optimizer) if config.track_updates else None
     return Run(config, settings, data, model, controller, optimizer, scheduler, steps, record,
-               out, log, started)
+               out, log, started, tracker)
 
 
 def restore(run: Run, checkpoint: dict) -> int:
@@ -493,6 +503,8 @@ def restore(run: Run, checkpoint: dict) -> int:
         group.setdefault("initial_lr", run.settings.lr)
     run.scheduler = LambdaLR(run.optimizer, run.scheduler.lr_lambdas[0],
                              last_epoch=start_epoch * run.steps_per_epoch - 1)
+    if run.tracker is not None:
+        run.tracker.load_state_dict(checkpoint[TRACKER_KEY])
     run.record.epochs = previous.epochs
     run.record.resumed_from_epoch = int(checkpoint["epoch"])
     run.record.previous_wall_s = previous.total_wall_s
@@ -515,7 +527,7 @@ def _score_channels(run: Run, epoch: int) -> float:
 
 
 def _epoch_record(run: Run, epoch: int, selection: dict, trained: dict, evaluated: dict,
-                  seconds: dict) -> EpochRecord:
+                  seconds: dict, tracked: dict | None) -> EpochRecord:
     stats, counts = run.controller.stats(), run.controller.counts()
     body = {k: v for k, v in counts.items() if k != run.controller.classifier}
     analytic = trained["analytic_bytes"] or {}
@@ -535,7 +547,12 @@ def _epoch_record(run: Run, epoch: int, selection: dict, trained: dict, evaluate
         saved_bytes_batch=trained["measured_batch"],
         saved_bytes_match=trained["measured_bytes"] == analytic.get("total"),
         train_samples=trained["samples"], train_steps=trained["steps"],
-        **{k: round(v, 3) for k, v in seconds.items()})
+        update_tracking=tracked, **{k: round(v, 3) for k, v in seconds.items()})
+
+
+def evaluation_due(every: int | None, epoch: int, epochs: int) -> bool:
+    """Evaluate after ``epoch`` (0-based)? Every ``every`` epochs and always after the last."""
+    return every is None or (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 
 def run_epoch(run: Run, epoch: int) -> EpochRecord:
@@ -547,16 +564,22 @@ def run_epoch(run: Run, epoch: int) -> EpochRecord:
     batches = epoch_batches(len(data.train_x), settings.batch_size, run.config.seed, epoch,
                             max_batches=run.config.max_batches)
     t_train = time.perf_counter()
+    if run.tracker is not None:
+        run.tracker.start_epoch(selection)
     trained = train_one_epoch(run.model, run.controller, run.optimizer, data.train_x,
                               data.train_y, batches, run.scheduler,
-                              desc=f"epoch {epoch + 1}/{settings.epochs}")
+                              desc=f"epoch {epoch + 1}/{settings.epochs}",
+                              before_step=run.tracker and run.tracker.before_step)
+    tracked = run.tracker.end_epoch() if run.tracker is not None else None
     train_s = time.perf_counter() - t_train
     t_eval = time.perf_counter()
-    evaluated = evaluate(run.model, data.eval_x, data.eval_y, desc=f"eval {data.eval_split}")
+    evaluated = evaluate(run.model, data.eval_x, data.eval_y, desc=f"eval {data.eval_split}") \
+        if evaluation_due(run.config.eval_every, epoch, settings.epochs) \
+        else {"loss": None, "accuracy": None}
     eval_s = time.perf_counter() - t_eval
     return _epoch_record(run, epoch, selection, trained, evaluated,
                          {"score_s": score_s, "train_s": train_s, "eval_s": eval_s,
-                          "wall_s": time.perf_counter() - tick})
+                          "wall_s": time.perf_counter() - tick}, tracked)
 
 
 def persist_epoch(run: Run, epoch: int, keep_checkpoint: bool) -> None:
@@ -567,7 +590,8 @@ def persist_epoch(run: Run, epoch: int, keep_checkpoint: bool) -> None:
     run.out.mkdir(parents=True, exist_ok=True)
     if keep_checkpoint or epoch + 1 < run.settings.epochs:
         save_checkpoint(run.checkpoint_path, run.model, run.optimizer, run.controller, epoch,
-                        run.config, run.record.to_dict())
+                        run.config, run.record.to_dict(),
+                        None if run.tracker is None else {TRACKER_KEY: run.tracker.state_dict()})
     write_record(run.record, run.out)
 
 
@@ -631,10 +655,14 @@ def finetune(config: RunConfig, out_dir: str | Path | None = None, *, resume: bo
 
 # ------------------------------------------------------------------------- text
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f}"
+
+
 def format_epoch_line(entry: EpochRecord, epochs: int) -> str:
     loss = "nan" if entry.train_loss is None else f"{entry.train_loss:.4f}"
     return (f"epoch {entry.epoch + 1}/{epochs}: train loss {loss}, "
-            f"{entry.eval_split} acc {100 * entry.eval_accuracy:.2f}%, "
+            f"{entry.eval_split} acc {_percent(entry.eval_accuracy)}%, "
             f"{entry.channels_drawn} channels in {entry.layers_trained} layers, "
             f"saved for backward {mib(entry.saved_bytes_measured)} MiB, "
             f"{entry.wall_s:.1f}s")
@@ -657,8 +685,8 @@ def _record_footer(r: RunRecord) -> list[str]:
         return []
     return ["",
             f"status {r.status}: {final.epochs_done} of {r.settings.epochs} epochs, "
-            f"{final.eval_split} accuracy {100 * final.eval_accuracy:.2f}% "
-            f"(best {100 * final.best_eval_accuracy:.2f}%), wall {final.wall_s:.1f}s",
+            f"{final.eval_split} accuracy {_percent(final.eval_accuracy)}% "
+            f"(best {_percent(final.best_eval_accuracy)}%), wall {final.wall_s:.1f}s",
             f"saved for backward, batch {mem.batch}: {mib(final.saved_bytes_measured)}"
             f" MiB measured (cost model {mib(final.saved_bytes_model)} MiB) vs full "
             f"fine-tuning {mib(mem.plain_full_finetune_measured_bytes)} MiB in plain "
@@ -674,7 +702,7 @@ def format_record(record: RunRecord | dict) -> str:
               "= model", "wall s")
     rows = [(str(e.epoch + 1), f"{e.lr_start:.4g}",
              "nan" if e.train_loss is None else f"{e.train_loss:.4f}",
-             f"{100 * e.eval_accuracy:.2f}", str(e.channels_drawn), str(e.layers_trained),
+             _percent(e.eval_accuracy), str(e.channels_drawn), str(e.layers_trained),
              pct(e.activation_sparsity), pct(e.weight_sparsity), pct(e.weight_grad_flops_saved),
              mib(e.saved_bytes_measured), "yes" if e.saved_bytes_match else "NO",
              f"{e.wall_s:.1f}") for e in r.epochs]
@@ -686,7 +714,7 @@ def _comparison_row(r: RunRecord) -> tuple:
     plain = r.memory.plain_full_finetune_measured_bytes
     units = r.epochs[-1].selected_units if r.epochs else None
     return (get_policy(r.config.policy).name, r.settings.budget_text,
-            "-" if not f.epochs_done else f"{100 * f.eval_accuracy:.2f}",
+            "-" if not f.epochs_done else _percent(f.eval_accuracy),
             mib(f.saved_bytes_measured),
             "-" if not f.saved_bytes_measured else f"{100 * f.saved_bytes_measured / plain:.1f}%",
             "-" if units is None else f"{units:,}",
