@@ -66,3 +66,31 @@ def test_bert_report_lists_hf_self_attention_and_revert_gives_plain_model():
     tt.revert(controller)
     assert sum(type(m) is GELUActivation for m in model.modules()) == 2
     assert list(model.state_dict()) == keys
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=10, patch_size=5, num_channels=3, hidden_size=15,
+                       num_hidden_layers=2, num_attention_heads=3, intermediate_size=23,
+                       num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ViTForImageClassification(config).double()
+
+
+def test_vit_patch_conv_converted_and_every_keeping_module_reported():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    controller = tt.convert(model, 0.3, example_input=x)
+    conv = model.vit.embeddings.patch_embeddings.projection
+    assert type(conv).__name__ == "TraDyConv2d"
+    measured = tt.saved_bytes_by_module(model, x)
+    text = controller.report(2, measured_bytes=measured)
+    assert "ViTAttention" in text
+    # listed by the profile itself (not only through the measured bytes)
+    assert ("vit.layers.0.attention", "ViTAttention") in controller.profile.other_modules
+    for name in measured:
+        assert name in text, name
+    # the converted GELUs keep exactly their input (the cost model's KeptCost)
+    gelus = [n for n, m in model.named_modules() if type(m).__name__ == "TraDyGELUActivation"]
+    assert len(gelus) == 2
+    model(x).logits.sum().backward()

@@ -22,8 +22,8 @@ from .activations import _SavedInputModule
 
 # module path -> class names whose own forward keeps tensors (attention on q, k, v)
 _SELF_ATTENTION = {
-    "transformers.models.bert.modeling_bert": ("BertSelfAttention",),
-    "transformers.models.vit.modeling_vit": ("ViTSelfAttention",),
+    "transformers.models.bert.modeling_bert": ("BertSelfAttention", "BertCrossAttention"),
+    "transformers.models.vit.modeling_vit": ("ViTAttention",),
 }
 
 
