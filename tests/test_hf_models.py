@@ -94,3 +94,13 @@ def test_vit_patch_conv_converted_and_every_keeping_module_reported():
     gelus = [n for n, m in model.named_modules() if type(m).__name__ == "TraDyGELUActivation"]
     assert len(gelus) == 2
     model(x).logits.sum().backward()
+
+
+def test_python_gelu_activation_is_left_alone():
+    """HF's Python GELU (use_gelu_python=True) is not F.gelu: not swapped, it stays as written."""
+    from transformers.activations import GELUActivation
+    model = tiny_bert()
+    for layer in model.bert.encoder.layer:
+        layer.intermediate.intermediate_act_fn = GELUActivation(use_gelu_python=True)
+    tt.convert(model, 0.3, example_input=bert_inputs())
+    assert sum(type(m) is GELUActivation for m in model.modules()) == 2
