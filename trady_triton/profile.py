@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import activations as A
+from . import hf
 from . import pooling as P
 from . import transformer as X
 from .cost import GateCost, KeptCost, LayerCost, MaskCost, RecomputeCost, element_bytes
@@ -23,7 +24,7 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 # Leaf modules whose backward needs no saved tensor: not "unsupported".
 # (nn.Embedding: frozen by convert(), and its integer input needs no gradient)
 _SAVE_NOTHING = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Embedding, P.TraDyAvgPool2d)
-_KEEP_INPUT = (A.TraDySiLU, A.TraDyHardswish, A.TraDyGELU)
+_KEEP_INPUT = (A._SavedInputModule,)   # SiLU, Hardswish, GELU, HF's GELUActivation
 _KEEP_OUTPUT = (A.TraDySigmoid, A.TraDyTanh)
 # containers that are costed themselves (their forward does more than call children)
 _COSTED_CONTAINERS = (A.TraDySqueezeExcitation, X.TraDyAttention, X.TraDyMLP)
@@ -77,13 +78,15 @@ def _record_forward(model: nn.Module, example_input):
         if isinstance(module, _COSTED_CONTAINERS):
             handles.append(module.register_forward_pre_hook(start_hook_for(name)))
         if leaf or isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear, *_COSTED_CONTAINERS,
-                                       *_KEEP_THEMSELVES)):
+                                       *_KEEP_THEMSELVES, *hf.self_attention_classes())):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     try:
         with torch.no_grad():
-            inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*inputs)
+            if isinstance(example_input, dict):   # keyword inputs (HF: input_ids=...)
+                model(**example_input)
+            else:
+                model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         for handle in handles:
             handle.remove()
