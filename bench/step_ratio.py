@@ -4,6 +4,7 @@
     python bench/step_ratio.py                          # MbV2-w0.35 128x128 batch 32, 1 thread
     python bench/step_ratio.py --model lite0 --batch 8 --threads 2
     python bench/step_ratio.py --model mcunet --backends auto reference
+    python bench/step_ratio.py --fold-bn                # + a row with frozen BN folded
 
 Rows (BatchNorm frozen in all): full fine-tuning, TraDy per ``--backends`` and a no-grad
 forward of the same batch. Timing: two warm-up steps each, then ``--steps`` rounds in
@@ -57,6 +58,10 @@ def build_rows(args) -> dict:
     for backend in args.backends:
         rows[f"trady ({backend})"] = StepSetup(args.model, "trady", level, args.batch,
                                                backend=backend).step
+        if args.fold_bn:   # the same selection (same seed) with frozen conv->BN pairs folded
+            folded = StepSetup(args.model, "trady", level, args.batch, backend=backend)
+            folded.controller.set_bn_folding(True)
+            rows[f"trady ({backend}, BN folded)"] = folded.step
 
     def forward_no_grad():
         with torch.no_grad():
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--backends", nargs="+", default=["auto"])
+    p.add_argument("--fold-bn", action="store_true",
+                   help="add a row per backend with frozen conv->BN pairs folded")
     p.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from _bench_env import ensure_repo_on_path

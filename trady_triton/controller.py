@@ -158,10 +158,25 @@ class TraDyController:
                              f"(keep_ratio >= {cheapest / full:.2e} of the full {full} units)")
         return budget
 
+    def set_bn_folding(self, enabled: bool) -> None:
+        """Fold each frozen BN into the frozen conv feeding it (forward and backward; exact
+        to float rounding; state_dict untouched). Off by default: bench/RESULTS.md has
+        the measurement."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
+        self.__dict__["_fold_bn"] = enabled
+        self._wire_fusions()
+
     def _wire_fusions(self) -> None:
         for module in self.modules.values():
             if hasattr(module, "_fuse_with"):
                 module._fuse_with = None
+            if hasattr(module, "_fold_into"):
+                module._fold_into = None
+        for conv_name, bn_name in (self.profile.conv_bn_folds if self.__dict__.get("_fold_bn")
+                                   else []):
+            if conv_name in self.modules and bn_name in self.modules:
+                self.modules[conv_name]._fold_into = (self.modules[bn_name],)
         for bn_name, act_name, consumer_name in self.profile.fusions:
             if bn_name in self.modules and act_name in self.modules and consumer_name in self.modules:
                 self.modules[bn_name]._fuse_with = (self.modules[act_name], self.modules[consumer_name])

@@ -55,8 +55,12 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
                              torch.arange(self.in_channels, device=self.weight.device),
                              persistent=False)
         self._fused_input = None
+        self._fold_into = None   # (TraDyBatchNorm2d,) to fold while both are frozen; controller
 
     def forward(self, x: Tensor) -> Tensor:
+        bn = self._foldable_bn()
+        if bn is not None:
+            return self._folded_forward(x, bn)
         if not _grad_needed(x, self.weight, self.bias):
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
                             self.dilation, self.groups)
@@ -67,6 +71,43 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
                                            self.groups, compact)
         return fn.FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding,
                                      self.dilation, self.groups)
+
+    def _foldable_bn(self):
+        """The wired BN if this conv and it are both frozen in the current selection
+        (checked per call: the next resample may train either)."""
+        if self._fold_into is None:
+            return None
+        bn = self._fold_into[0]
+        frozen = not any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        return bn if frozen and bn.uses_frozen_affine() else None
+
+    def _folded_forward(self, x: Tensor, bn: "TraDyBatchNorm2d") -> Tensor:
+        """conv then frozen BN as one conv with the BN's scale and shift folded in;
+        the BN passes this output through."""
+        weight, bias = self._folded_weight_bias(bn, x.dtype)
+        if _grad_needed(x):
+            y = fn.FrozenConv2d.apply(x, weight, bias, self.stride, self.padding,
+                                      self.dilation, self.groups)
+        else:
+            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        bn._folded_output = weakref.ref(y)
+        return y
+
+    def _folded_weight_bias(self, bn: "TraDyBatchNorm2d", dtype) -> tuple[Tensor, Tensor]:
+        """weight * scale and bias * scale + shift, cached like the BN's own scale and
+        shift: keyed on the version counters and storages of both modules' tensors."""
+        scale, shift = bn.frozen_scale_shift(dtype)
+        key = (dtype, scale.data_ptr(), shift.data_ptr()) + tuple(
+            None if t is None else (t._version, t.data_ptr(), t.device)
+            for t in (self.weight, self.bias))
+        cache = self.__dict__.get("_folded_cache")
+        if cache is not None and cache[0] == key and not torch.compiler.is_compiling():
+            return cache[1], cache[2]
+        with torch.no_grad():
+            weight = self.weight.to(dtype) * scale.view(-1, 1, 1, 1)
+            bias = shift if self.bias is None else self.bias.to(dtype) * scale + shift
+        self.__dict__["_folded_cache"] = (key, weight, bias)
+        return weight, bias
 
 
 class TraDyLinear(_FusionTarget, nn.Linear):
@@ -126,6 +167,7 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
     def _trady_setup(self, freeze_stats: bool = True) -> None:
         self.freeze_stats = freeze_stats
         self._fuse_with = None   # (activation module, consumer layer), set by convert()
+        self._folded_output = None   # weakref to the output of a conv this BN is folded into
 
     def uses_frozen_affine(self) -> bool:
         frozen_stats = self.freeze_stats or not self.training
@@ -133,6 +175,9 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         return frozen_stats and self.track_running_stats and not trainable
 
     def forward(self, x: Tensor) -> Tensor:
+        folded, self._folded_output = self.__dict__.get("_folded_output"), None
+        if folded is not None and folded() is x:   # already applied by the conv before it
+            return x
         if not self.uses_frozen_affine():
             return super().forward(x)
         if not _grad_needed(x):

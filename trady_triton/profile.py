@@ -39,6 +39,8 @@ class Profile:
     fusions: list[tuple[str, str, str]]        # (batchnorm, activation, consumer) names
     other_modules: list[tuple[str, str]]       # (name, class) of leaves we do not convert
     calls: list[str] = field(default_factory=list)
+    # (conv, batchnorm) names: a BN fed only by a conv and not fused with an activation
+    conv_bn_folds: list[tuple[str, str]] = field(default_factory=list)
 
 
 def find_classifier(model: nn.Module) -> str | None:
@@ -133,7 +135,9 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             other.append((name, _class_name(module)))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             other.append((name, _class_name(module)))
-    return Profile(layers, masks, _find_fusions(records), other, [r[1] for r in records])
+    fusions = _find_fusions(records)
+    return Profile(layers, masks, fusions, other, [r[1] for r in records],
+                   _find_conv_bn_folds(records, fusions))
 
 
 _NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, X.TraDyLayerNorm,
@@ -199,6 +203,11 @@ def _gate_cost(order, name, module, x, records, starts) -> GateCost:
                     isinstance(module.scale_activation, _KEEP_OUTPUT))
 
 
+def _consumers(records, tensor, after: int) -> list:
+    """Records after position ``after`` whose (first) input is ``tensor``."""
+    return [r for r in records[after + 1:] if r[3] is tensor]
+
+
 def _find_fusions(records) -> list[tuple[str, str, str]]:
     """BN whose output feeds exactly an activation whose output feeds a conv first."""
     fusions = []
@@ -209,9 +218,25 @@ def _find_fusions(records) -> list[tuple[str, str, str]]:
             continue
         if bn_out is None or act_in is not bn_out:
             continue
-        for _, consumer_name, consumer, consumer_in, _ in records[i + 2:]:
-            if consumer_in is act_out:
-                if isinstance(consumer, nn.Conv2d):
-                    fusions.append((bn_name, act_name, consumer_name))
-                break
+        consumers = _consumers(records, act_out, i + 1)
+        if consumers and isinstance(consumers[0][2], nn.Conv2d):
+            fusions.append((bn_name, act_name, consumers[0][1]))
     return fusions
+
+
+def _find_conv_bn_folds(records, fusions) -> list[tuple[str, str]]:
+    """Conv whose output feeds one BN and nothing else seen, that BN not already fused
+    with its activation (a fused BN costs no pass of its own: folding it gains nothing).
+    Functional uses of the conv output (not hooked) are not seen: the profiled models
+    take residuals after the BN."""
+    fused = {bn for bn, _, _ in fusions}
+    folds = []
+    for i in range(len(records) - 1):
+        _, conv_name, conv, _, conv_out = records[i]
+        if not isinstance(conv, nn.Conv2d) or conv_out is None:
+            continue
+        consumers = _consumers(records, conv_out, i)
+        if len(consumers) == 1 and isinstance(consumers[0][2], nn.BatchNorm2d) \
+                and consumers[0][1] not in fused and consumers[0][0] == i + 1:
+            folds.append((conv_name, consumers[0][1]))
+    return folds
