@@ -26,8 +26,8 @@ import torch
 
 from . import cpu_kernels, reference
 
-# The plain-PyTorch implementation every CPU kernel calls: one module with the
-# signatures of ``reference.py`` (swap it here, in one place, for a faster CPU module).
+# The CPU implementation every op's CPU kernel calls (the "auto" backend): one module with
+# the signatures of ``reference.py``, whose numba loops hand what they do not serve to it.
 CPU_IMPL = cpu_kernels
 
 BACKENDS = ("auto", "triton", "reference")

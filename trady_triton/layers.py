@@ -29,6 +29,12 @@ def _grad_needed(x: Tensor, *params) -> bool:
     return x.requires_grad or any(p is not None and p.requires_grad for p in params)
 
 
+def _cache_key(*tensors) -> tuple:
+    """What a cache derived from ``tensors`` is keyed on: in-place writes bump the version
+    counter, ``.to()`` / reloads change the storage (writes through ``.data`` are not seen)."""
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.device) for t in tensors)
+
+
 class _FusionTarget:
     """Mixin: receive a compact copy prepared by an upstream fused BN->ReLU kernel.
 
@@ -97,9 +103,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         """weight * scale and bias * scale + shift, cached like the BN's own scale and
         shift: keyed on the version counters and storages of both modules' tensors."""
         scale, shift = bn.frozen_scale_shift(dtype)
-        key = (dtype, scale.data_ptr(), shift.data_ptr()) + tuple(
-            None if t is None else (t._version, t.data_ptr(), t.device)
-            for t in (self.weight, self.bias))
+        key = (dtype, scale.data_ptr(), shift.data_ptr()) + _cache_key(self.weight, self.bias)
         cache = self.__dict__.get("_folded_cache")
         if cache is not None and cache[0] == key and not torch.compiler.is_compiling():
             return cache[1], cache[2]
@@ -202,8 +206,7 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
         tensors = (self.weight, self.bias, self.running_mean, self.running_var)
         if torch.compiler.is_compiling():
             return fn.frozen_bn_scale_shift(*tensors, self.eps, dtype)
-        key = (dtype, self.eps) + tuple(None if t is None else (t._version, t.data_ptr(), t.device)
-                                        for t in tensors)
+        key = (dtype, self.eps) + _cache_key(*tensors)
         cache = self.__dict__.get("_frozen_cache")
         if cache is not None and cache[0] == key:
             return cache[1], cache[2]
