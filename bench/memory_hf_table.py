@@ -5,8 +5,9 @@
 
 Random init, float32, batch 2, seed 0: plain PyTorch full fine-tuning (eval mode) against
 the converted model in train mode, both measured with saved_tensors_hooks (parameters
-excluded), and the cost model. HF attention is not converted (listed by report()), so
-measured exceeds the cost model by what it keeps. Prints a Markdown table; no timing.
+excluded), and the cost model. HF self-attention runs the exact core keeping q, k, v
+(plus a 1-bit mask of the attention dropout in train mode), BertIntermediate / ViTMLP
+recompute their GELU's input. Prints a Markdown table; no timing.
 """
 import torch, warnings; torch.set_num_threads(1); warnings.simplefilter("ignore")
 from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification

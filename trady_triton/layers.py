@@ -128,9 +128,17 @@ class TraDyLinear(_FusionTarget, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         compact = self._take_compact(x)
         if self.weight.requires_grad:
-            return fn.SelectedLinear.apply(x, self.weight, self.bias, self.selected_channels,
-                                           compact)
+            return fn.SelectedLinear.apply(_own_storage(x), self.weight, self.bias,
+                                           self.selected_channels, compact)
         return fn.FrozenLinear.apply(x, self.weight, self.bias)
+
+
+def _own_storage(x: Tensor) -> Tensor:
+    """``x``, copied when it views a larger storage (HF's classifier takes
+    ``hidden[:, 0]``): saving the view would keep the whole storage for backward."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 class _MaskedActivation:

@@ -80,7 +80,8 @@ def _record_forward(model: nn.Module, example_input):
         if isinstance(module, _COSTED_CONTAINERS):
             handles.append(module.register_forward_pre_hook(start_hook_for(name)))
         if leaf or isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear, *_COSTED_CONTAINERS,
-                                       *_KEEP_THEMSELVES, *hf.self_attention_classes())):
+                                       *_KEEP_THEMSELVES, *hf.self_attention_classes(),
+                                       *hf.costed_containers())):
             handles.append(module.register_forward_hook(hook_for(name)))
     was_training = model.training
     try:
@@ -104,7 +105,7 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
 
     layers, masks, other = [], [], []
     seen = {f"{n}.act" for n, m in model.named_modules()   # run inside RecomputedActivation
-            if isinstance(m, X.TraDyMLP) and m.activation_kind()}
+            if isinstance(m, X.TraDyMLP) and m.activation_kind()} | hf.recomputed_activations(model)
     for order, name, module, x, y in records:
         if name in seen:
             continue    # a module called twice is costed at its first call
@@ -131,6 +132,9 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             masks.append(KeptCost(name, qkv_per_sample, 8 * element_bytes(x.dtype), order))
         elif isinstance(module, _NEW_KINDS) and x is not None:
             masks += _kept_costs(order, name, module, x, y, records, starts)
+        elif x is not None and (hf_costs := hf.kept_costs(order, name, module, x, records)) \
+                is not None:
+            masks += hf_costs
         elif not isinstance(module, (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, *_SAVE_NOTHING)):
             other.append((name, _class_name(module)))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
