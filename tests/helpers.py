@@ -210,7 +210,9 @@ def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
         if not weight.requires_grad:
             assert weight.grad is None
             continue
-        expected = torch.where(mask, plain_params[name + ".weight"].grad, 0.0)
+        # a MultiheadAttention's in_proj is the layer named after the module
+        plain_weight = plain_params.get(name + ".weight", plain_params.get(name + ".in_proj_weight"))
+        expected = torch.where(mask, plain_weight.grad, 0.0)
         torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-12)
         assert (weight.grad[~mask] == 0).all()
     head = controller.classifier

@@ -116,6 +116,7 @@ def test_bert_dropout_in_training_matches_hf_eager_with_the_same_seed():
     model = tiny_bert(dropout=0.2, attention_dropout=0.3)
     reference = tiny_bert(dropout=0.2, attention_dropout=0.3, implementation="eager")
     ids, mask = token_ids(), padding_mask()
+    model.eval()   # profiled in eval mode (Dropout passes its input on), measured in training
     controller = tt.convert(model, 0.3, example_input={"input_ids": ids, "attention_mask": mask})
     model.train()
     reference.train()

@@ -1,4 +1,5 @@
-"""nn.MultiheadAttention with frozen projections: self-attention keeps only the packed qkv."""
+"""nn.MultiheadAttention: self-attention keeps the packed qkv; its projections are layers of
+the pool (frozen: nothing kept; selected: the compact input, only the selected dW slices)."""
 
 import pytest
 import torch
@@ -66,3 +67,66 @@ def test_revert_gives_back_plain_multihead_attention():
     assert type(net.mha).__name__ == "TraDyMultiheadAttention"
     tt.revert(controller)
     assert type(net.mha) is nn.MultiheadAttention and not hasattr(net.mha, "took_converted_path")
+    assert type(net.mha.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert "selected_channels" not in net.mha._buffers and "weight" not in vars(net.mha)
+
+
+def _plain_weight_grads(net, x, dy):
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net(x).backward(dy)
+    return {"mha": net.mha.in_proj_weight.grad, "mha.out_proj": net.mha.out_proj.weight.grad,
+            "embed": net.embed.weight.grad, "fc": net.fc.weight.grad}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("selection", [
+    {"mha": [0, 5, 11]},                        # in_proj alone: the earliest trained layer
+    {"mha.out_proj": [1, 2, 3, 4, 7]},          # out_proj alone: q, k, v need no gradient
+    {"mha": list(range(12)), "mha.out_proj": [9]},   # every input feature of in_proj
+    {"embed": [2], "mha": [3, 4], "fc": [0, 6]},
+])
+def test_selected_projections_train_only_their_slices_and_keep_what_the_cost_model_says(
+        batch_first, selection):
+    import copy
+    torch.manual_seed(2)
+    net = _Encoder(batch_first, padded=True).double().eval()
+    plain = copy.deepcopy(net)
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    controller = tt.convert(net, 0.3, example_input=x, policy="d-fullrandom")
+    assert {"mha", "mha.out_proj"} <= {layer.name for layer in controller.layers}
+    controller.apply_selection({k: torch.tensor(v) for k, v in selection.items()})
+    net.train()
+    with tt.saved_tensor_bytes(net) as saved:
+        out = net(x)
+    assert saved.total == controller.saved_bytes(3)["total"]
+    assert tt.saved_bytes_by_module(net, x).get("mha", 0) == \
+        tt.cost.saved_bytes_per_module(controller.layers, controller.profile.masks,
+                                       controller.counts(), 3).get("mha", 0)
+    dy = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    out.backward(dy)
+    want = _plain_weight_grads(plain, x, dy)
+    weights = {"mha": net.mha.in_proj_weight, "mha.out_proj": net.mha.out_proj.weight,
+               "embed": net.embed.weight, "fc": net.fc.weight}
+    for name, weight in weights.items():
+        if name not in selection:
+            assert weight.grad is None and not weight.requires_grad, name
+            continue
+        chosen = torch.zeros(weight.shape[1], dtype=torch.bool)
+        chosen[selection[name]] = True
+        torch.testing.assert_close(weight.grad[:, chosen], want[name][:, chosen], rtol=1e-10,
+                                   atol=1e-12)
+        assert torch.equal(weight.grad[:, ~chosen], torch.zeros_like(weight.grad[:, ~chosen]))
+
+
+def test_a_trained_in_projection_keeps_only_its_compact_input():
+    torch.manual_seed(3)
+    net = _Encoder().double()
+    x = torch.randn(2, 7, 6, dtype=torch.float64)
+    controller = tt.convert(net, 0.3, example_input=x)
+    controller.apply_selection({"mha": torch.tensor([1, 4])})
+    net.train()
+    by_module = tt.saved_bytes_by_module(net, x)
+    # compact input [2, 7, 2] + packed qkv [2, 7, 36], float64
+    assert by_module["mha"] == (2 * 7 * 2 + 2 * 7 * 36) * 8
+    assert "mha.out_proj" not in by_module   # frozen: keeps nothing

@@ -48,6 +48,8 @@ SWAPS = {
     nn.AvgPool2d: P.TraDyAvgPool2d,
     nn.LayerNorm: X.TraDyLayerNorm,
     nn.MultiheadAttention: X.TraDyMultiheadAttention,
+    # MultiheadAttention's out_proj: its converted path calls it like any Linear
+    nn.modules.linear.NonDynamicallyQuantizableLinear: L.TraDyLinear,
     Attention: X.TraDyAttention,
     MLP: X.TraDyMLP,
 }

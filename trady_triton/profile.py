@@ -77,7 +77,7 @@ def _record_forward(model: nn.Module, example_input):
 
     for name, module in model.named_modules():
         leaf = not any(True for _ in module.children())
-        if isinstance(module, _COSTED_CONTAINERS):
+        if isinstance(module, (*_COSTED_CONTAINERS, X.TraDyMultiheadAttention)):
             handles.append(module.register_forward_pre_hook(start_hook_for(name)))
         if leaf or isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear, *_COSTED_CONTAINERS,
                                        *_KEEP_THEMSELVES, *hf.self_attention_classes(),
@@ -128,8 +128,9 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
         elif isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path \
                 and x is not None:
-            qkv_per_sample = 3 * x.numel() // x.shape[0 if module.batch_first else 1]
-            masks.append(KeptCost(name, qkv_per_sample, 8 * element_bytes(x.dtype), order))
+            in_proj, core = _multihead_costs(name, module, x, starts[name])
+            layers.append(in_proj)
+            masks.append(core)
         elif isinstance(module, _NEW_KINDS) and x is not None:
             masks += _kept_costs(order, name, module, x, y, records, starts)
         elif x is not None and (hf_costs := hf.kept_costs(order, name, module, x, records)) \
@@ -139,9 +140,21 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             other.append((name, _class_name(module)))
         elif isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             other.append((name, _class_name(module)))
+    layers.sort(key=lambda layer: layer.order)   # an MHA's in_proj ran before its out_proj
     fusions = _find_fusions(records)
     return Profile(layers, masks, fusions, other, [r[1] for r in records],
                    _find_conv_bn_folds(records, fusions))
+
+
+def _multihead_costs(name, module, x, start) -> tuple[LayerCost, KeptCost]:
+    """A converted MultiheadAttention: its input projection (a layer under the module's
+    name, run first: order just before the entry position) and the core keeping the
+    packed qkv (just after it; out_proj, a Linear of its own, runs later)."""
+    tokens = x.shape[1 if module.batch_first else 0]
+    dim = module.embed_dim
+    in_proj = LayerCost(name, "linear", dim, 3 * dim, 1, (1, 1), (tokens,), (tokens,),
+                        element_bytes(x.dtype), start - 0.5, False)
+    return in_proj, KeptCost(name, 3 * dim * tokens, 8 * element_bytes(x.dtype), start - 0.25)
 
 
 _NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, X.TraDyLayerNorm,
@@ -186,8 +199,14 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _layer_taking(records, tensor) -> tuple[str, int] | None:
-    """(name, input channels) of the first conv/linear whose input is ``tensor``."""
+    """(name, input channels) of the first conv/linear whose input is ``tensor``.
+
+    None when a Dropout takes ``tensor``: profiled in eval mode it passes the same tensor
+    on, but in training the layer after it takes a new one (HF's pooler -> dropout ->
+    classifier)."""
     for _, name, module, x, _ in records:
+        if x is tensor and isinstance(module, A.TraDyDropout) and 0.0 < module.p < 1.0:
+            return None
         if x is tensor and isinstance(module, (nn.Conv2d, nn.Linear)):
             return name, module.weight.shape[1] * getattr(module, "groups", 1)
     return None

@@ -144,42 +144,62 @@ class TraDyMLP(MLP):
 
 
 class TraDyMultiheadAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention whose self-attention, with frozen projections, keeps only qkv.
+    """nn.MultiheadAttention whose self-attention keeps only what its backward needs.
 
-    The converted path (projections keep nothing, :class:`AttentionCore` keeps the
-    packed qkv) is taken for self-attention (``query is key is value``) with
-    ``need_weights=False``, frozen projections, no ``bias_k`` / ``add_zero_attn``, no
-    attention dropout in training, and boolean or absent masks; any other call is
-    PyTorch's own (and is then listed as not converted). ``took_converted_path`` tells
-    which one the last call took (the profile reads it).
+    On the converted path the input projection (``in_proj_weight``, a layer of the pool
+    under this module's name: ``weight`` and ``selected_channels`` as a TraDyLinear's)
+    keeps nothing when frozen and the compact copy of its selected input features when
+    trained; :class:`AttentionCore` keeps the packed qkv; ``out_proj`` is a converted
+    Linear (its own layer). The path is taken for self-attention (``query is key is
+    value``) with ``need_weights=False``, packed projections, no ``bias_k`` /
+    ``add_zero_attn``, no attention dropout in training, and boolean or absent masks; any
+    other call is PyTorch's own (and is then listed as not converted, its projections
+    left out of the pool). ``took_converted_path`` tells which one the last call took
+    (the profile reads it).
     """
 
     def _trady_setup(self) -> None:
         self.took_converted_path = False
+        self.register_buffer("selected_channels",
+                             torch.arange(self.embed_dim, device=self.out_proj.weight.device),
+                             persistent=False)
+
+    @property
+    def weight(self):
+        """The input projection, trained by input feature like a Linear's weight."""
+        return self.in_proj_weight
 
     def _converted_path_applies(self, query, key, value, key_padding_mask, need_weights,
                                 attn_mask, is_causal) -> bool:
-        params = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias)
         masks = [m for m in (key_padding_mask, attn_mask) if m is not None]
         return (query is key is value and not need_weights and not is_causal
                 and self._qkv_same_embed_dim and self.bias_k is None and not self.add_zero_attn
                 and (self.dropout == 0.0 or not self.training) and query.dim() == 3
-                and not any(p is not None and p.requires_grad for p in params)
                 and all(m.dtype == torch.bool for m in masks)
                 and (attn_mask is None or attn_mask.dim() == 2))
+
+    def _in_projection(self, x: Tensor) -> Tensor:
+        from .autograd import FrozenLinear, SelectedLinear
+        if not _grad_needed(x, self.in_proj_weight):
+            return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.in_proj_weight.requires_grad:
+            return SelectedLinear.apply(x, self.in_proj_weight, self.in_proj_bias,
+                                        self.selected_channels, None)
+        return FrozenLinear.apply(x, self.in_proj_weight, self.in_proj_bias)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         self.took_converted_path = self._converted_path_applies(
             query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
-        if not (self.took_converted_path and _grad_needed(query)):
+        if not self.took_converted_path:   # also under no_grad: the profile sees out_proj run
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        from .autograd import FrozenLinear
         x = query if self.batch_first else query.transpose(0, 1)
-        qkv = FrozenLinear.apply(x, self.in_proj_weight, self.in_proj_bias)
-        o = AttentionCore.apply(qkv, self.num_heads, _sdpa_mask(key_padding_mask, attn_mask))
-        out = FrozenLinear.apply(o, self.out_proj.weight, self.out_proj.bias)
+        qkv = self._in_projection(x)
+        mask = _sdpa_mask(key_padding_mask, attn_mask)
+        o = AttentionCore.apply(qkv, self.num_heads, mask) if _grad_needed(qkv) \
+            else attention_core(qkv, self.num_heads, mask)
+        out = self.out_proj(o)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
