@@ -130,3 +130,15 @@ def test_a_trained_in_projection_keeps_only_its_compact_input():
     # compact input [2, 7, 2] + packed qkv [2, 7, 36], float64
     assert by_module["mha"] == (2 * 7 * 2 + 2 * 7 * 36) * 8
     assert "mha.out_proj" not in by_module   # frozen: keeps nothing
+
+
+def test_rank_layers_ranks_the_projections_and_leaves_the_model_plain():
+    torch.manual_seed(4)
+    net = _Encoder()
+    x = torch.randn(4, 7, 6)
+    ranking = tt.rank_layers(net, [(x, torch.randint(0, 3, (4,)))], steps=2)
+    assert {"mha", "mha.out_proj"} <= set(ranking.scores)
+    assert all(score > 0 for score in ranking.scores.values())
+    assert type(net.mha) is nn.MultiheadAttention
+    controller = tt.convert(net, 0.5, example_input=x, ranking=ranking)
+    assert {"mha", "mha.out_proj"} <= set(controller.pool)

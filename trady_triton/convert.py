@@ -150,8 +150,10 @@ def _trady_copy(module: nn.Module, freeze_stats: bool) -> nn.Module:
     return new
 
 
-def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Module]:
-    """Replace every convertible module in place; returns name -> TraDy module."""
+def swap_modules(model: nn.Module, freeze_stats: bool = True,
+                 only: tuple[type, ...] | None = None) -> dict[str, nn.Module]:
+    """Replace every convertible module in place (``only``: of these exact types);
+    returns name -> TraDy module."""
     if any(isinstance(m, _trady_types()) for m in model.modules()):
         raise ValueError("model is already converted: call revert() first")
     if type(model) in _swaps():
@@ -159,13 +161,24 @@ def swap_modules(model: nn.Module, freeze_stats: bool = True) -> dict[str, nn.Mo
     replaced: dict[int, nn.Module] = {}   # id(original) -> new, so shared modules stay shared
     swapped = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not name or not _convertible(module):
+        if not name or not _convertible(module) or (only and type(module) not in only):
             continue
         if id(module) not in replaced:
             replaced[id(module)] = _trady_copy(module, freeze_stats)
         _set_child(model, name, replaced[id(module)])
         swapped[name] = replaced[id(module)]
     return swapped
+
+
+def swap_attention_layers(model: nn.Module) -> None:
+    """Convert only the plain nn.MultiheadAttention modules (and their out_proj): their
+    projections are layers of the profile once converted, as after convert()
+    (rank_layers ranks them on a copy). A model with TraDy modules is left as it is."""
+    if type(model) in _swaps() or any(isinstance(m, _trady_types()) for m in model.modules()):
+        return
+    if any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        swap_modules(model, only=(nn.MultiheadAttention,
+                                  nn.modules.linear.NonDynamicallyQuantizableLinear))
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:

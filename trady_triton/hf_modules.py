@@ -66,7 +66,7 @@ class ExactSelfAttention:
 def bert_self_attention_forward(self, hidden_states, attention_mask=None, past_key_values=None,
                                 **kwargs):
     self.took_converted_path = self._exact_path_applies(past_key_values, kwargs)
-    if not self.took_converted_path:
+    if not self.took_converted_path:   # HF's own forward (the class after the mixin)
         return super(type(self), self).forward(hidden_states, attention_mask, past_key_values,
                                                **kwargs)
     return self._exact_forward(hidden_states, attention_mask)

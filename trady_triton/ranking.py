@@ -150,11 +150,13 @@ def rank_layers(model: nn.Module, batches: Iterable, steps: int, *, lr: float = 
     ``steps``. BatchNorm statistics are frozen (eval mode), as in fine-tuning
     with convert()'s default. The user's model is not modified.
     """
+    from .convert import swap_attention_layers
     from .profile import profile_model   # local: profile imports layers
 
     if steps < 1:
         raise ValueError(f"steps={steps!r}: allowed values are integers >= 1")
     work = copy.deepcopy(model)
+    swap_attention_layers(work)   # MultiheadAttention projections ranked as convert() pools them
     batches = list(batches) if not isinstance(batches, list) else batches
     if not batches:
         raise ValueError("batches: need at least one (inputs, targets) batch")
