@@ -69,10 +69,12 @@ def converted_types(model) -> set[str]:
     return {type(m).__name__ for m in model.modules()}
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_bert_attention_converted_exact_and_costed(padded):
+@pytest.mark.parametrize("padded, implementation",
+                         [(False, "sdpa"), (True, "sdpa"), (True, "eager")])
+def test_bert_attention_converted_exact_and_costed(padded, implementation):
+    """sdpa gets a boolean padding mask, eager an additive one."""
     fixed = {"attention_mask": padding_mask()} if padded else {}
-    net = Logits(tiny_bert(), "input_ids", **fixed)
+    net = Logits(tiny_bert(implementation=implementation), "input_ids", **fixed)
     for seed in range(2):
         controller, trady, plain = check_exact_conversion(net, token_ids(), keep_ratio=0.3,
                                                           seed=seed)
