@@ -135,7 +135,10 @@ class TraDyLinear(_FusionTarget, nn.Linear):
 
 def _own_storage(x: Tensor) -> Tensor:
     """``x``, copied when it views a larger storage (HF's classifier takes
-    ``hidden[:, 0]``): saving the view would keep the whole storage for backward."""
+    ``hidden[:, 0]``): saving the view would keep the whole storage for backward.
+    Not under torch.compile (storages are not traced; the graph owns its buffers)."""
+    if torch.compiler.is_compiling():
+        return x
     if x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return x.clone(memory_format=torch.contiguous_format)
     return x
