@@ -29,7 +29,8 @@ def one_thread():
 
 
 def pytest_collection_modifyitems(config, items):
-    """``slow`` tests (full-size torch.compile) run only with TRADY_RUN_SLOW=1: reported as
+    """``slow`` tests (minutes on two cores: full-size torch.compile, sm_80 compiles, notebooks,
+    bench-script dry runs, soak) run only with TRADY_RUN_SLOW=1: reported as
     skipped otherwise, never dropped silently."""
     if os.environ.get("TRADY_RUN_SLOW") == "1":
         return

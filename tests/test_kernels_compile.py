@@ -2,6 +2,8 @@
 autotune config its launcher can pick. No GPU needed: ``triton.compile`` with a
 ``GPUTarget`` runs ptxas on this machine. It catches what the interpreter lets
 through (tl.dot shapes under 16, unsupported casts, shared memory overflow).
+sm_90 (the H100/H200 the GPU sessions use) runs in the default suite; sm_80 doubles the
+compile time (~3 min on 2 cores) and runs with TRADY_RUN_SLOW=1 (reported skipped otherwise).
 
 The kernels are compiled in a child process without ``TRITON_INTERPRET`` (in this
 process they are interpreter objects). Each kernel module lists its launch
@@ -19,7 +21,8 @@ import pytest
 
 MODULES = ["compaction", "activation", "masks", "_splitk", "gemm_weight_grad",
            "conv_weight_grad", "depthwise_weight_grad"]
-ARCHS = [90, 80]
+ARCH_PARAMS = [90, pytest.param(80, marks=pytest.mark.slow)]
+ARCHS = [90, 80] if os.environ.get("TRADY_RUN_SLOW") == "1" else [90]
 # opt-in shared memory per block: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
@@ -35,7 +38,7 @@ _CHILD = textwrap.dedent("""
     kernels = {v for k, v in vars(mod).items() if isinstance(v, JITFunction)
                and k.startswith("_") and k.endswith("_kernel")}
     specs = list(mod._compile_specs())
-    report = {"specs": len(specs), "compiled": 0, "errors": [],
+    report = {"specs": len(specs), "compiled": {str(a): 0 for a in archs}, "errors": [],
               "missing": sorted(k.__name__ for k in kernels - {s[0] for s in specs})}
     for fn, sig, constexprs, options in specs:
         uses_dot = "tl.dot(" in fn.src
@@ -48,7 +51,7 @@ _CHILD = textwrap.dedent("""
                 assert c.metadata.shared <= limits[str(arch)], f"shared {c.metadata.shared}"
                 if uses_dot:
                     assert "mma" in c.asm["ptx"], "tl.dot did not lower to tensor-core MMA"
-                report["compiled"] += 1
+                report["compiled"][str(arch)] += 1
             except Exception as e:  # collect all failures, report them together
                 report["errors"].append(f"{what}: {type(e).__name__}: {str(e)[:800]}")
     print("REPORT " + json.dumps(report))
@@ -73,10 +76,12 @@ def compile_reports(tmp_path_factory):
     return reports
 
 
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 @pytest.mark.parametrize("module", MODULES)
-def test_kernels_compile_for_sm90_and_sm80(module, compile_reports):
+def test_kernels_compile_for_the_gpu_archs(module, arch, compile_reports):
     report, rc, err = compile_reports[module]
     assert rc == 0 and report is not None, f"child failed (rc={rc}):\n{err}"
     assert not report["missing"], f"kernels without compile specs: {report['missing']}"
-    assert not report["errors"], "\n".join(report["errors"])
-    assert report["specs"] > 0 and report["compiled"] == report["specs"] * len(ARCHS)
+    errors = [e for e in report["errors"] if f" sm_{arch} " in e]
+    assert not errors, "\n".join(errors)
+    assert report["specs"] > 0 and report["compiled"][str(arch)] == report["specs"]

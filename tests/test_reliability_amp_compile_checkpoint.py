@@ -151,6 +151,7 @@ def test_compile_aot_eager_equals_eager_and_follows_resample():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow   # inductor C++ compile: ~20 s on 2 cores; aot_eager below stays in the default run
 def test_compile_inductor_equals_eager():
     torch._dynamo.reset()
     net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),

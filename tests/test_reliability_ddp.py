@@ -134,6 +134,7 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_
         assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
 
 
+@pytest.mark.slow   # torchrun start-up; the two-process gloo equality test stays in the default run
 def test_documented_torchrun_launch_runs(tmp_path):
     script = ROOT / "examples" / "ddp_finetune.py"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -41,6 +41,7 @@ def _hooks(module: nn.Module) -> int:
     return sum(len(getattr(module, name, {}) or {}) for name in names)
 
 
+@pytest.mark.slow   # ~45 s on 2 cores; the per-step memory checks run in the default suite elsewhere
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_soak_memory_is_stable_and_revert_leaves_nothing():
     torch.manual_seed(0)

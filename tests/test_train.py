@@ -182,7 +182,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
     assert isinstance(state["rng"]["torch"], torch.Tensor)
 
 
-@pytest.mark.parametrize("policy", ["d-topk", "d-detrgn"])
+@pytest.mark.parametrize("policy", ["d-topk", pytest.param("d-detrgn", marks=pytest.mark.slow)])
 def test_resume_continues_with_the_same_draws(tmp_path, policy):
     config = tiny(policy=policy, budget="0.05", epochs=3, score_batches=1)
     straight = T.finetune(config, tmp_path / "straight")

@@ -36,7 +36,8 @@ def _drop_initial_lr(path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("old_checkpoint", [False, True], ids=["checkpoint", "pre-lambdalr"])
+@pytest.mark.parametrize("old_checkpoint", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["checkpoint", "pre-lambdalr"])
 def test_resumed_schedule_equals_the_uninterrupted_one(tmp_path, old_checkpoint):
     straight = T.finetune(T.RunConfig(**TINY), tmp_path / "straight")
     T.finetune(T.RunConfig(**TINY, max_epochs_this_call=1), tmp_path / "split")
