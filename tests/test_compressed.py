@@ -239,6 +239,7 @@ def test_four_bits_every_layer_cosine_and_bytes_equal_the_cost_model(name):
         assert "qkv 4-bit, scale per head" in report and "input 4-bit, scale per row" in report
     else:
         assert "x 8-bit, scale per channel" in report
+    assert "compact copy 8-bit, scale per channel" in report
 
 
 @pytest.mark.parametrize("name", ["vit", "efficientnet"])
