@@ -14,7 +14,7 @@ With ``convert(..., backward_bits=k)`` (k in 8, 4, 2):
   (its mean and 1/std stay exact), per (token, q/k/v, head) for qkv.
 * A squeeze-excitation's ``x`` (kept for the gate's gradient; per (sample, channel)
   scales) and the compact copies of the selected channels that trained conv / linear
-  layers keep (per-channel scales) use ``2k`` bits, at most 8 (:func:`gate_input_bits`).
+  layers keep (per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
   The classifier's input stays exact.
 
 Codes round to the nearest level: deterministic, not unbiased (measured: far closer to
@@ -59,7 +59,7 @@ class DerivativeCodes(Function):
         return grad_y * slope, None, None, None, None
 
 
-def gate_input_bits(bits: int) -> int:
+def summed_input_bits(bits: int) -> int:
     """Bits of a tensor entering a sum over positions (a squeeze-excitation's x, a compact
     copy) in mode ``bits``: twice as many, at most 8.
 
@@ -111,7 +111,7 @@ def set_backward_bits(model, bits: int | None, classifier: str | None = None) ->
             module.backward_bits = None if id(module) in inside_se else bits
         elif isinstance(module, (TraDyConv2d, TraDyLinear)):
             module.compact_bits = None if bits is None or name == classifier \
-                else gate_input_bits(bits)
+                else summed_input_bits(bits)
 
 
 def backward_bits_of(model) -> int | None:
