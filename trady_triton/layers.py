@@ -68,8 +68,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         if bn is not None:
             return self._folded_forward(x, bn)
         if not _grad_needed(x, self.weight, self.bias):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                            self.dilation, self.groups)
+            return fn.conv2d_no_grad(x, self.weight, self.bias, self._conv_args())
         compact = self._take_compact(x)
         if self.weight.requires_grad:
             return fn.SelectedConv2d.apply(x, self.weight, self.bias, self.selected_channels,
@@ -77,6 +76,9 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
                                            self.groups, compact)
         return fn.FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding,
                                      self.dilation, self.groups)
+
+    def _conv_args(self) -> tuple:
+        return (self.stride, self.padding, self.dilation, self.groups)
 
     def _foldable_bn(self):
         """The wired BN if this conv and it are both frozen in the current selection
@@ -95,7 +97,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
             y = fn.FrozenConv2d.apply(x, weight, bias, self.stride, self.padding,
                                       self.dilation, self.groups)
         else:
-            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            y = fn.conv2d_no_grad(x, weight, bias, self._conv_args())
         bn._folded_output = weakref.ref(y)
         return y
 
