@@ -133,6 +133,39 @@ class FrozenConv2d(Function):
         return grad_x, None, grad_b, None, None, None, None
 
 
+class FoldedFrozenConv2d(Function):
+    """Frozen conv with the frozen BN after it folded in: conv(x, W * s) + (b * s + t).
+
+    Forward runs the folded weight and bias (module-cached, ``layers.py``); backward
+    rebuilds ``W * s`` from the conv's weight (a parameter: the only tensor saved) and the
+    BN's ``scale`` (module-owned, kept on ``ctx`` as :class:`FrozenAffine` does), so the
+    saved bytes stay what the cost model counts. Returns only dX.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, folded_weight, folded_bias, stride, padding, dilation,
+                groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.scale = scale
+        ctx.save_for_backward(weight)
+        return _conv2d(x, folded_weight, folded_bias, ctx.conv)
+
+    @staticmethod
+    @first_order_only("TraDyConv2d (a converted nn.Conv2d, frozen, BatchNorm folded in)")
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        folded = fold_scale_into_weight(weight, ctx.scale, grad_y.dtype)
+        grad_x = _conv2d_input_grad(ctx.x_shape, folded, grad_y, ctx.conv)
+        return (grad_x,) + (None,) * 8
+
+
+def fold_scale_into_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight * scale`` per output channel, in ``dtype``: one op, so that the forward's
+    cached folded weight and the backward's rebuilt one are the same bits."""
+    return weight.to(dtype) * scale.to(dtype).view(-1, 1, 1, 1)
+
+
 class SelectedLinear(Function):
     """Linear whose weight gradient is computed for input features ``idx`` only."""
 

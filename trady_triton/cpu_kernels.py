@@ -22,6 +22,8 @@ on this CPU that is about 2x faster than oneDNN's convolution for these shapes
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -227,9 +229,24 @@ def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ pointwise convolutions
+_POINTWISE_GEMM = [True]   # switched off only by benches comparing with oneDNN's 1x1 conv
+
+
+@contextlib.contextmanager
+def pointwise_gemm(enabled: bool):
+    """Within the block, 1x1 convs run as a GEMM (``True``, the default) or as ATen's conv."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
+    previous, _POINTWISE_GEMM[0] = _POINTWISE_GEMM[0], enabled
+    try:
+        yield
+    finally:
+        _POINTWISE_GEMM[0] = previous
+
+
 def _pointwise_geometry(kernel_size, stride, padding, groups) -> bool:
     """A plain 1x1 conv: stride 1, no padding, one group."""
-    return (tuple(kernel_size) == (1, 1) and groups == 1 and tuple(stride) == (1, 1)
+    return _POINTWISE_GEMM[0] and (tuple(kernel_size) == (1, 1) and groups == 1 and tuple(stride) == (1, 1)
             and padding in ((0, 0), [0, 0], "valid"))
 
 
@@ -248,27 +265,52 @@ def _pointwise(x: Tensor, weight: Tensor, stride, padding, groups) -> bool:
     return _pointwise_geometry(weight.shape[2:], stride, padding, groups) and _gemm_ready(x, weight)
 
 
+def _depthwise_stride_1(grad_y: Tensor, weight: Tensor, stride, padding, dilation,
+                        groups: int) -> bool:
+    """A depthwise conv (one input channel per group) with stride and dilation 1 and
+    padding < kernel size: its dX is a plain forward conv, faster in oneDNN than ATen's
+    backward-data here (bench/RESULTS.md, issue 11)."""
+    return (_POINTWISE_GEMM[0] and weight.shape[1] == 1 and groups == weight.shape[0] > 1
+            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and not isinstance(padding, str)
+            and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))
+            and grad_y.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+def _gemm_into(out: Tensor, matrix: Tensor, x: Tensor) -> None:
+    """out[n] = matrix @ x[n] over the flattened planes of NCHW ``x`` and ``out``."""
+    n, _, h, w = x.shape
+    torch.matmul(matrix, x.view(n, x.shape[1], h * w), out=out.view(n, out.shape[1], h * w))
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
            groups: int) -> Tensor:
     """``F.conv2d``; a 1x1 conv as ``W @ x[n]`` (one batched GEMM, bias added in place)."""
     if not _pointwise(x, weight, stride, padding, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     n, c_in, h, w = x.shape
-    y = torch.matmul(weight.view(weight.shape[0], c_in), x.view(n, c_in, h * w))
+    c_out = weight.shape[0]
+    y = x.new_empty((n, c_out, h, w))   # written through a view: the output itself is no view
+    _gemm_into(y, weight.view(c_out, c_in), x)
     if bias is not None:
-        y += bias.to(y.dtype).view(1, -1, 1)
-    return y.view(n, -1, h, w)
+        y += bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
 
 
 def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, dilation,
                       groups: int) -> Tensor:
-    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``."""
+    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``, a
+    stride-1 depthwise conv's as the forward conv of dY with the flipped kernel."""
+    if _depthwise_stride_1(grad_y, weight, stride, padding, dilation, groups):
+        return F.conv2d(grad_y, weight.flip(2, 3), None, 1,
+                        (weight.shape[2] - 1 - padding[0], weight.shape[3] - 1 - padding[1]),
+                        1, groups)
     if not _pointwise(grad_y, weight, stride, padding, groups):
         return reference.conv2d_input_grad(x_shape, weight, grad_y, stride, padding, dilation,
                                            groups)
-    n, c_out, h, w = grad_y.shape
-    weight_2d = weight.view(c_out, -1)
-    return torch.matmul(weight_2d.t(), grad_y.view(n, c_out, h * w)).view(x_shape)
+    grad_x = grad_y.new_empty(x_shape)
+    _gemm_into(grad_x, weight.view(grad_y.shape[1], -1).t(), grad_y)
+    return grad_x
 
 
 def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
