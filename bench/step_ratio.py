@@ -62,7 +62,7 @@ def build_rows(args) -> dict:
             unfolded = StepSetup(args.model, "trady", level, args.batch, backend=backend)
             unfolded.controller.set_bn_folding(False)
             rows[f"trady ({backend}, BN not folded)"] = unfolded.step
-            rows[f"trady ({backend}, 1x1 convs by oneDNN)"] = _without_gemm(
+            rows[f"trady ({backend}, 1x1 convs and depthwise dX by ATen)"] = _without_gemm(
                 StepSetup(args.model, "trady", level, args.batch, backend=backend).step)
 
     def forward_no_grad():
