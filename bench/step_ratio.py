@@ -4,7 +4,7 @@
     python bench/step_ratio.py                          # MbV2-w0.35 128x128 batch 32, 1 thread
     python bench/step_ratio.py --model lite0 --batch 8 --threads 2
     python bench/step_ratio.py --model mcunet --backends auto reference
-    python bench/step_ratio.py --fold-bn                # + a row with frozen BN folded
+    python bench/step_ratio.py --variants               # + rows: BN unfolded, 1x1 by oneDNN
 
 Rows (BatchNorm frozen in all): full fine-tuning, TraDy per ``--backends`` and a no-grad
 forward of the same batch. Timing: two warm-up steps each, then ``--steps`` rounds in
@@ -58,16 +58,27 @@ def build_rows(args) -> dict:
     for backend in args.backends:
         rows[f"trady ({backend})"] = StepSetup(args.model, "trady", level, args.batch,
                                                backend=backend).step
-        if args.fold_bn:   # the same selection (same seed) with frozen conv->BN pairs folded
-            folded = StepSetup(args.model, "trady", level, args.batch, backend=backend)
-            folded.controller.set_bn_folding(True)
-            rows[f"trady ({backend}, BN folded)"] = folded.step
+        if args.variants:   # the same selection (same seed) without one of the speed-ups
+            unfolded = StepSetup(args.model, "trady", level, args.batch, backend=backend)
+            unfolded.controller.set_bn_folding(False)
+            rows[f"trady ({backend}, BN not folded)"] = unfolded.step
+            rows[f"trady ({backend}, 1x1 convs and depthwise dX by ATen)"] = _without_gemm(
+                StepSetup(args.model, "trady", level, args.batch, backend=backend).step)
 
     def forward_no_grad():
         with torch.no_grad():
             full.model(full.x)
     rows["no-grad forward"] = forward_no_grad
     return rows
+
+
+def _without_gemm(step):
+    from trady_triton import cpu_kernels
+
+    def run():
+        with cpu_kernels.pointwise_gemm(False):
+            step()
+    return run
 
 
 def time_rows(rows: dict, steps: int) -> dict:
@@ -102,8 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--backends", nargs="+", default=["auto"])
-    p.add_argument("--fold-bn", action="store_true",
-                   help="add a row per backend with frozen conv->BN pairs folded")
+    p.add_argument("--variants", action="store_true",
+                   help="add rows per backend: frozen conv->BN pairs not folded; 1x1 convs "
+                        "by ATen/oneDNN instead of a GEMM")
     p.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     from _bench_env import ensure_repo_on_path

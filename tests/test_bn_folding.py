@@ -86,3 +86,32 @@ def test_set_bn_folding_rejects_a_non_bool():
     _, controller, _ = _converted(False)
     with pytest.raises(TypeError, match="enabled="):
         controller.set_bn_folding("yes")
+
+
+def test_folding_is_on_by_default():
+    net = small_net()
+    x = torch.randn(2, 3, 17, 15)
+    controller = tt.convert(net, 0.03, example_input=x, policy="d-fullrandom", seed=3)
+    wired = [conv for conv, _ in controller.profile.conv_bn_folds
+             if net.get_submodule(conv)._fold_into is not None]
+    assert wired and len(wired) == len(controller.profile.conv_bn_folds)
+
+
+@pytest.mark.parametrize("epoch", [0, 2])
+def test_folded_step_saves_what_the_cost_model_counts(epoch):
+    """The folded conv saves only its weight (a parameter) and keeps the BN's scale on
+    ctx: measured saved bytes are the unfolded path's and the cost model's."""
+    saved = {}
+    for fold in (False, True):
+        net, controller, x = _converted(fold)
+        controller.resample(epoch)
+        net.train()
+        with tt.saved_tensor_bytes(net) as measured:
+            out = net(x.clone().requires_grad_(False))
+        out.square().sum().backward()
+        saved[fold] = measured.total
+        assert measured.total == controller.saved_bytes(batch=x.shape[0])["total"]
+    folded_used = [c for c, _ in controller.profile.conv_bn_folds
+                   if net.get_submodule(c)._foldable_bn() is not None]
+    assert folded_used
+    assert saved[True] == saved[False]

@@ -166,3 +166,98 @@ def test_paper_nets_give_exact_gradients_and_the_cost_models_bytes(name):
         untouched[rows] = False
         assert torch.all(grad[untouched] == 0), layer
     assert checked >= 2       # layers with a non-zero gradient actually compared
+
+
+# ------------------------------------------------------------------ 1x1 convs as a GEMM
+def _conv_case(n, c_in, c_out, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64)
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9, 11), (1, 1, 3, 1, 1), (2, 16, 4, 5, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_conv_forward_and_input_grad_equal_autograd(shape, with_bias):
+    x, weight, bias = _conv_case(*shape, seed=sum(shape))
+    bias = bias if with_bias else None
+    plain = x.clone().requires_grad_(True)
+    expected = nn.functional.conv2d(plain, weight, bias)
+    grad_y = torch.randn_like(expected)
+    expected.backward(grad_y)
+    y = cpu_kernels.conv2d(x, weight, bias, (1, 1), (0, 0), (1, 1), 1)
+    grad_x = cpu_kernels.conv2d_input_grad(x.shape, weight, grad_y, (1, 1), (0, 0), (1, 1), 1)
+    assert y._base is None and grad_x._base is None   # no views: in-place ops may follow
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, plain.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_masked_weight_grad_equals_reference():
+    x, weight, _ = _conv_case(3, 9, 5, 6, 7, seed=11)
+    idx = torch.tensor([7, 0, 4], dtype=torch.int32)
+    grad_y = torch.randn(3, 5, 6, 7, dtype=torch.float64)
+    compact = x[:, idx.long()].contiguous()
+    args = (compact, grad_y, idx, tuple(weight.shape), (1, 1), (0, 0), (1, 1), 1)
+    got = cpu_kernels.conv2d_weight_grad_masked(*args)
+    torch.testing.assert_close(got, reference.conv2d_weight_grad_masked(*args),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.all(got[:, [1, 2, 3, 5, 6, 8]] == 0)
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=(2, 2)), dict(padding=(1, 1)),
+                                      dict(groups=3), dict(kernel=3), dict(channels_last=True)])
+def test_convs_the_gemm_does_not_serve_give_atens_result(geometry):
+    x, _, bias = _conv_case(2, 6, 6, 7, 5, seed=5)
+    k, groups = geometry.get("kernel", 1), geometry.get("groups", 1)
+    weight = torch.randn(6, 6 // groups, k, k, dtype=torch.float64)
+    if geometry.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = (geometry.get("stride", (1, 1)), geometry.get("padding", (0, 0)), (1, 1), groups)
+    assert not cpu_kernels._pointwise(x, weight, conv[0], conv[1], groups)
+    expected = nn.functional.conv2d(x, weight, bias, *conv)
+    torch.testing.assert_close(cpu_kernels.conv2d(x, weight, bias, *conv), expected,
+                               rtol=0, atol=0)
+    grad_y = torch.randn_like(expected)
+    torch.testing.assert_close(
+        cpu_kernels.conv2d_input_grad(x.shape, weight, grad_y, *conv),
+        torch.nn.grad.conv2d_input(x.shape, weight, grad_y, *conv), rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_gemm_switch_restores_and_rejects_a_non_bool():
+    x, weight, _ = _conv_case(1, 2, 3, 2, 2, seed=2)
+    with cpu_kernels.pointwise_gemm(False):
+        assert not cpu_kernels._pointwise(x, weight, (1, 1), (0, 0), 1)
+    assert cpu_kernels._pointwise(x, weight, (1, 1), (0, 0), 1)
+    with pytest.raises(TypeError, match="enabled"):
+        with cpu_kernels.pointwise_gemm("no"):
+            pass
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (5, 2), (3, 0), (3, 2)])
+def test_stride_1_depthwise_input_grad_equals_autograd(kernel, padding):
+    g = torch.Generator().manual_seed(kernel + padding)
+    x = torch.randn(3, 7, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 1, kernel, kernel, generator=g, dtype=torch.float64)
+    conv = ((1, 1), (padding, padding), (1, 1), 7)
+    assert cpu_kernels._depthwise_stride_1(x, weight, *conv)
+    y = nn.functional.conv2d(x, weight, None, *conv)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    got = cpu_kernels.conv2d_input_grad(x.shape, weight, grad_y, *conv)
+    torch.testing.assert_close(got, x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mbv2-w0.35-arch", "efficientnet-lite0"])
+def test_no_grad_forward_equals_the_plain_model(name):
+    """Frozen prefix / inference path: BN folded into the conv before it, the wired
+    ReLU/ReLU6 applied in place on the BN's output, 1x1 convs as a GEMM."""
+    net = _paper_net(name).double()
+    plain = copy.deepcopy(net).eval()
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    controller = tt.convert(net, 0.05, example_input=x, policy="d-fullrandom", seed=1)
+    assert controller.profile.fusions and controller.profile.conv_bn_folds
+    net.eval()
+    with torch.no_grad():
+        got, expected = net(x), plain(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

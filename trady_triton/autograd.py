@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from . import ops
+from . import ops, reference
 from .compressed import compress_channels, restore_channels
 from .dispatch import ops_for
 from .first_order import first_order_only
@@ -49,18 +49,26 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def _conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, conv: tuple) -> Tensor:
-    """dX of a conv2d from W and dY alone.
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple) -> Tensor:
+    """The conv's forward: ``x``'s kernels' own where they have one (CPU: 1x1 as a GEMM)."""
+    impl = ops_for(x)
+    if hasattr(impl, "conv2d"):
+        return impl.conv2d(x, weight, bias, *conv)
+    return F.conv2d(x, weight, bias, *conv)
 
-    ``torch.nn.grad.conv2d_input`` passes an expanded (stride-0) stand-in for the input,
-    which ``convolution_backward`` copies into a full-size contiguous tensor; an
-    uninitialised one of the input's shape is neither read nor copied.
-    """
-    stride, padding, dilation, groups = conv
-    stand_in = grad_y.new_empty(x_shape)
-    return torch.ops.aten.convolution_backward(
-        grad_y, stand_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [True, False, False])[0]
+
+def conv2d_no_grad(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple) -> Tensor:
+    """A frozen prefix's conv (no autograd): the same forward as the Functions'."""
+    with torch.no_grad():
+        return _conv2d(x, weight, bias, conv)
+
+
+def _conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, conv: tuple) -> Tensor:
+    """dX of a conv2d from W and dY alone (no full-size copy of a stand-in input)."""
+    impl = ops_for(grad_y)
+    if hasattr(impl, "conv2d_input_grad"):
+        return impl.conv2d_input_grad(x_shape, weight, grad_y, *conv)
+    return reference.conv2d_input_grad(x_shape, weight, grad_y, *conv)
 
 
 class SelectedConv2d(Function):
@@ -69,8 +77,8 @@ class SelectedConv2d(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, idx, stride, padding, dilation, groups, x_compact,
                 bits=None):
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.conv = (stride, padding, dilation, groups)
+        y = _conv2d(x, weight, bias, ctx.conv)
         ctx.x_shape = x.shape
         ctx.full = _all_channels(idx, x.shape[1])
         if ctx.needs_input_grad[1]:
@@ -116,7 +124,7 @@ class FrozenConv2d(Function):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_shape = x.shape
         ctx.save_for_backward(weight)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _conv2d(x, weight, bias, ctx.conv)
 
     @staticmethod
     @first_order_only("TraDyConv2d (a converted nn.Conv2d, frozen)")
@@ -126,6 +134,39 @@ class FrozenConv2d(Function):
         grad_x = _conv2d_input_grad(ctx.x_shape, weight, grad_y, ctx.conv)
         grad_b = grad_y.sum(dim=(0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_b, None, None, None, None
+
+
+class FoldedFrozenConv2d(Function):
+    """Frozen conv with the frozen BN after it folded in: conv(x, W * s) + (b * s + t).
+
+    Forward runs the folded weight and bias (module-cached, ``layers.py``); backward
+    rebuilds ``W * s`` from the conv's weight (a parameter: the only tensor saved) and the
+    BN's ``scale`` (module-owned, kept on ``ctx`` as :class:`FrozenAffine` does), so the
+    saved bytes stay what the cost model counts. Returns only dX.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, folded_weight, folded_bias, stride, padding, dilation,
+                groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_shape = x.shape
+        ctx.scale = scale
+        ctx.save_for_backward(weight)
+        return _conv2d(x, folded_weight, folded_bias, ctx.conv)
+
+    @staticmethod
+    @first_order_only("TraDyConv2d (a converted nn.Conv2d, frozen, BatchNorm folded in)")
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        folded = fold_scale_into_weight(weight, ctx.scale, grad_y.dtype)
+        grad_x = _conv2d_input_grad(ctx.x_shape, folded, grad_y, ctx.conv)
+        return (grad_x,) + (None,) * 8
+
+
+def fold_scale_into_weight(weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight * scale`` per output channel, in ``dtype``: one op, so that the forward's
+    cached folded weight and the backward's rebuilt one are the same bits."""
+    return weight.to(dtype) * scale.to(dtype).view(-1, 1, 1, 1)
 
 
 class SelectedLinear(Function):

@@ -160,8 +160,8 @@ class TraDyController:
 
     def set_bn_folding(self, enabled: bool) -> None:
         """Fold each frozen BN into the frozen conv feeding it (forward and backward; exact
-        to float rounding; state_dict untouched). Off by default: bench/RESULTS.md has
-        the measurement."""
+        to float rounding; state_dict untouched; saved bytes unchanged). On by default:
+        bench/RESULTS.md has the measurement."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
         self.__dict__["_fold_bn"] = enabled
@@ -173,7 +173,7 @@ class TraDyController:
                 module._fuse_with = None
             if hasattr(module, "_fold_into"):
                 module._fold_into = None
-        for conv_name, bn_name in (self.profile.conv_bn_folds if self.__dict__.get("_fold_bn")
+        for conv_name, bn_name in (self.profile.conv_bn_folds if self.__dict__.get("_fold_bn", True)
                                    else []):
             if conv_name in self.modules and bn_name in self.modules:
                 self.modules[conv_name]._fold_into = (self.modules[bn_name],)

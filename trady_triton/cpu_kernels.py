@@ -13,19 +13,25 @@ bit for bit on the masks and outputs): ``relu_forward_mask``, ``relu_backward_ma
 -> mask, no compact copy) and ``mask_scale_backward`` (mask and BN scale applied to the
 gradient in one pass), whose readable twins are in ``reference.py``. Inputs these loops
 do not serve (half precision, non-contiguous tensors, no numba) go to ``reference.py``.
-The weight-gradient ops are the reference's (ATen's convolutions are already fast).
+
+Pointwise (1x1, stride 1, no padding, one group) convolutions, the bulk of a MobileNet's
+FLOPs, run here as one batched GEMM (``W @ x[n]``) in forward, dX and the masked dW:
+on this CPU that is about 2x faster than oneDNN's convolution for these shapes
+(bench/RESULTS.md, issue 11). Other convolutions are ATen's.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
 # the ops with no faster CPU loop here are the reference's own
-from .reference import (conv2d_weight_grad_masked, linear_weight_grad_masked,  # noqa: F401
-                        pack_mask, unpack_mask)
+from .reference import linear_weight_grad_masked, pack_mask, unpack_mask  # noqa: F401
 
 try:
     import numba
@@ -35,7 +41,7 @@ except ImportError:   # numba is a dependency; without it every op here is the r
 
 __all__ = ["compact_channels", "conv2d_weight_grad_masked", "linear_weight_grad_masked",
            "relu_forward_mask", "relu_backward_mask", "affine_relu_compact",
-           "affine_clamp_mask", "mask_scale_backward", "available"]
+           "affine_clamp_mask", "mask_scale_backward", "available", "conv2d", "conv2d_input_grad"]
 
 _FLOATS = (torch.float32, torch.float64)
 _CHUNK_BYTES = 2048          # mask bytes per parallel task (16,384 elements)
@@ -220,3 +226,104 @@ def mask_scale_backward(grad_output: Tensor, packed: Tensor, scale: Tensor | Non
 def relu_backward_mask(grad_output: Tensor, packed: Tensor) -> Tensor:
     """As :func:`reference.relu_backward_mask`."""
     return mask_scale_backward(grad_output, packed, None)
+
+
+# ------------------------------------------------------------------ pointwise convolutions
+_POINTWISE_GEMM = [True]   # switched off only by benches comparing with oneDNN's 1x1 conv
+
+
+@contextlib.contextmanager
+def pointwise_gemm(enabled: bool):
+    """Within the block, 1x1 convs run as a GEMM (``True``, the default) or as ATen's conv."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
+    previous, _POINTWISE_GEMM[0] = _POINTWISE_GEMM[0], enabled
+    try:
+        yield
+    finally:
+        _POINTWISE_GEMM[0] = previous
+
+
+def _pointwise_geometry(kernel_size, stride, padding, groups) -> bool:
+    """A plain 1x1 conv: stride 1, no padding, one group."""
+    return _POINTWISE_GEMM[0] and (tuple(kernel_size) == (1, 1) and groups == 1 and tuple(stride) == (1, 1)
+            and padding in ((0, 0), [0, 0], "valid"))
+
+
+def _gemm_ready(*tensors: Tensor) -> bool:
+    """CPU, float32/64 in one dtype, NCHW-contiguous 4-D, eager and without autocast."""
+    first = tensors[0]
+    return (first.device.type == "cpu" and first.dtype in _FLOATS
+            and all(t.dtype == first.dtype and t.dim() == 4 and t.is_contiguous()
+                    for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+
+
+def _pointwise(x: Tensor, weight: Tensor, stride, padding, groups) -> bool:
+    """Whether the GEMM path serves a conv of ``x`` (or a gradient shaped like its output)
+    by ``weight``."""
+    return _pointwise_geometry(weight.shape[2:], stride, padding, groups) and _gemm_ready(x, weight)
+
+
+def _depthwise_stride_1(grad_y: Tensor, weight: Tensor, stride, padding, dilation,
+                        groups: int) -> bool:
+    """A depthwise conv (one input channel per group) with stride and dilation 1 and
+    padding < kernel size: its dX is a plain forward conv, faster in oneDNN than ATen's
+    backward-data here (bench/RESULTS.md, issue 11)."""
+    return (_POINTWISE_GEMM[0] and weight.shape[1] == 1 and groups == weight.shape[0] > 1
+            and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and not isinstance(padding, str)
+            and all(0 <= p < k for p, k in zip(padding, weight.shape[2:]))
+            and grad_y.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
+def _gemm_into(out: Tensor, matrix: Tensor, x: Tensor) -> None:
+    """out[n] = matrix @ x[n] over the flattened planes of NCHW ``x`` and ``out``."""
+    n, _, h, w = x.shape
+    torch.matmul(matrix, x.view(n, x.shape[1], h * w), out=out.view(n, out.shape[1], h * w))
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+           groups: int) -> Tensor:
+    """``F.conv2d``; a 1x1 conv as ``W @ x[n]`` (one batched GEMM, bias added in place)."""
+    if not _pointwise(x, weight, stride, padding, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    n, c_in, h, w = x.shape
+    c_out = weight.shape[0]
+    y = x.new_empty((n, c_out, h, w))   # written through a view: the output itself is no view
+    _gemm_into(y, weight.view(c_out, c_in), x)
+    if bias is not None:
+        y += bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
+
+
+def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, dilation,
+                      groups: int) -> Tensor:
+    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``, a
+    stride-1 depthwise conv's as the forward conv of dY with the flipped kernel."""
+    if _depthwise_stride_1(grad_y, weight, stride, padding, dilation, groups):
+        return F.conv2d(grad_y, weight.flip(2, 3), None, 1,
+                        (weight.shape[2] - 1 - padding[0], weight.shape[3] - 1 - padding[1]),
+                        1, groups)
+    if not _pointwise(grad_y, weight, stride, padding, groups):
+        return reference.conv2d_input_grad(x_shape, weight, grad_y, stride, padding, dilation,
+                                           groups)
+    grad_x = grad_y.new_empty(x_shape)
+    _gemm_into(grad_x, weight.view(grad_y.shape[1], -1).t(), grad_y)
+    return grad_x
+
+
+def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
+                              weight_shape, stride, padding, dilation, groups: int) -> Tensor:
+    """As :func:`reference.conv2d_weight_grad_masked`; a 1x1 conv's as
+    ``sum_n dY[n] @ x_compact[n]^T`` (one batched GEMM and a sum over the batch)."""
+    if not (idx.numel() and _pointwise_geometry(weight_shape[2:], stride, padding, groups)
+            and _gemm_ready(grad_output, x_compact)):
+        return reference.conv2d_weight_grad_masked(x_compact, grad_output, idx, weight_shape,
+                                                   stride, padding, dilation, groups)
+    n, c_out, h, w = grad_output.shape
+    partial = torch.matmul(grad_output.view(n, c_out, h * w),
+                           x_compact.view(n, -1, h * w).transpose(1, 2)).sum(dim=0)
+    grad_weight = grad_output.new_zeros(weight_shape)
+    grad_weight[:, idx.long(), 0, 0] = partial
+    return grad_weight

@@ -70,8 +70,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         if bn is not None:
             return self._folded_forward(x, bn)
         if not _grad_needed(x, self.weight, self.bias):
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding,
-                            self.dilation, self.groups)
+            return fn.conv2d_no_grad(x, self.weight, self.bias, self._conv_args())
         compact = self._take_compact(x)
         if self.weight.requires_grad:
             return fn.SelectedConv2d.apply(x, self.weight, self.bias, self.selected_channels,
@@ -79,6 +78,9 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
                                            self.groups, compact, self.compact_bits)
         return fn.FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding,
                                      self.dilation, self.groups)
+
+    def _conv_args(self) -> tuple:
+        return (self.stride, self.padding, self.dilation, self.groups)
 
     def _foldable_bn(self):
         """The wired BN if this conv and it are both frozen in the current selection
@@ -94,10 +96,10 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         the BN passes this output through."""
         weight, bias = self._folded_weight_bias(bn, x.dtype)
         if _grad_needed(x):
-            y = fn.FrozenConv2d.apply(x, weight, bias, self.stride, self.padding,
-                                      self.dilation, self.groups)
+            scale, _ = bn.frozen_scale_shift(x.dtype)
+            y = fn.FoldedFrozenConv2d.apply(x, self.weight, scale, weight, bias, *self._conv_args())
         else:
-            y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            y = fn.conv2d_no_grad(x, weight, bias, self._conv_args())
         bn._folded_output = weakref.ref(y)
         return y
 
@@ -110,7 +112,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         if cache is not None and cache[0] == key and not torch.compiler.is_compiling():
             return cache[1], cache[2]
         with torch.no_grad():
-            weight = self.weight.to(dtype) * scale.view(-1, 1, 1, 1)
+            weight = fn.fold_scale_into_weight(self.weight, scale, dtype)
             bias = shift if self.bias is None else self.bias.to(dtype) * scale + shift
         self.__dict__["_folded_cache"] = (key, weight, bias)
         return weight, bias
@@ -201,11 +203,26 @@ class TraDyBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if not _grad_needed(x):
             with torch.no_grad():
-                return fn.FrozenAffine.apply(x, *self.frozen_scale_shift(x.dtype))
+                return self._no_grad_forward(x)
         fused = self._fused_forward(x)
         if fused is not None:
             return fused
         return fn.FrozenAffine.apply(x, *self.frozen_scale_shift(x.dtype))
+
+    def _no_grad_forward(self, x: Tensor) -> Tensor:
+        """A frozen prefix's BN (no autograd). On CPU, when wired to its ReLU/ReLU6, the
+        activation is applied here in place on the BN's fresh output (one allocation and
+        one full-size temporary fewer) and the activation module passes it through."""
+        y = fn.FrozenAffine.apply(x, *self.frozen_scale_shift(x.dtype))
+        if self._fuse_with is None or x.device.type != "cpu":
+            return y
+        activation = self._fuse_with[0]
+        if activation.upper is None:
+            F.relu_(y)
+        else:
+            F.hardtanh_(y, 0.0, activation.upper)
+        activation._fused_output = weakref.ref(y)
+        return y
 
     def frozen_scale_shift(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Per-channel (scale, shift) in ``dtype``, cached while the BN is unchanged.

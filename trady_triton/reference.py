@@ -27,6 +27,20 @@ def compact_channels(x: Tensor, idx: Tensor, channel_dim: int) -> Tensor:
     return x.index_select(channel_dim, idx.long()).contiguous()
 
 
+def conv2d_input_grad(x_shape, weight: Tensor, grad_output: Tensor, stride, padding,
+                      dilation, groups: int) -> Tensor:
+    """dX of a conv2d from W and dY alone.
+
+    ``torch.nn.grad.conv2d_input`` passes an expanded (stride-0) stand-in for the input,
+    which ``convolution_backward`` copies into a full-size contiguous tensor; an
+    uninitialised one of the input's shape is neither read nor copied.
+    """
+    stand_in = grad_output.new_empty(x_shape)
+    return torch.ops.aten.convolution_backward(
+        grad_output, stand_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [True, False, False])[0]
+
+
 def conv2d_weight_grad_masked(
     x_compact: Tensor,
     grad_output: Tensor,

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Candidates for the CPU path's convolutions, timed side by side on MobileNetV2-w0.35's
+shapes (128x128, batch 32), interleaved; medians in ms, summed over the shapes.
+
+    python bench/cpu_conv_candidates.py               # 1 thread, 9 repetitions
+    python bench/cpu_conv_candidates.py --threads 2 --reps 7
+
+1x1 convs, forward and dX: ATen's conv (oneDNN) against one batched GEMM ``W @ x[n]``
+(and, for dX, the forward conv with the transposed weight). Depthwise 3x3 dX: ATen's
+backward-data against the forward conv of dY with the flipped kernel (stride 1) and
+``conv_transpose2d`` (stride 1 and 2). Every candidate is checked against ATen first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+POINTWISE = [(8, 48, 64), (48, 8, 32), (8, 48, 32), (16, 96, 16), (96, 16, 16), (24, 144, 8),
+             (144, 24, 8), (16, 8, 64), (48, 8, 64), (336, 56, 4), (56, 336, 4)]  # c_in, c_out, hw
+DEPTHWISE = [(16, 64, 1), (48, 64, 2), (48, 32, 1), (48, 32, 2), (96, 16, 1), (144, 16, 2),
+             (144, 8, 1)]                                                       # c, hw, stride
+
+
+def _aten_dx(grad_y, weight, x_shape, stride, padding, groups):
+    import torch
+    return torch.ops.aten.convolution_backward(
+        grad_y, grad_y.new_empty(x_shape), weight, None, [stride] * 2, [padding] * 2, [1, 1],
+        False, [0, 0], groups, [True, False, False])[0]
+
+
+def _gemm(matrix, x):
+    n, c, h, w = x.shape
+    return (matrix @ x.reshape(n, c, h * w)).reshape(n, -1, h, w)
+
+
+def pointwise_cases(batch):
+    import torch
+    import torch.nn.functional as F
+    for c_in, c_out, hw in POINTWISE:
+        x = torch.randn(batch, c_in, hw, hw)
+        w = torch.randn(c_out, c_in, 1, 1)
+        gy = torch.randn(batch, c_out, hw, hw)
+        yield "1x1 forward", x, {"ATen conv": lambda: F.conv2d(x, w),
+                                 "GEMM": lambda: _gemm(w.view(c_out, c_in), x)}
+        yield "1x1 dX", x, {
+            "ATen backward": lambda: _aten_dx(gy, w, x.shape, 1, 0, 1),
+            "conv, W transposed": lambda: F.conv2d(gy, w.transpose(0, 1)),
+            "GEMM": lambda: _gemm(w.view(c_out, c_in).t(), gy)}
+
+
+def depthwise_cases(batch):
+    import torch
+    import torch.nn.functional as F
+    for c, hw, stride in DEPTHWISE:
+        x = torch.randn(batch, c, hw, hw)
+        w = torch.randn(c, 1, 3, 3)
+        gy = torch.randn_like(F.conv2d(x, w, None, stride, 1, 1, c))
+        extra = hw - ((gy.shape[2] - 1) * stride - 2 + 3)
+        cands = {"ATen backward": lambda: _aten_dx(gy, w, x.shape, stride, 1, c),
+                 "conv_transpose2d": lambda: F.conv_transpose2d(gy, w, None, stride, 1, extra, c)}
+        if stride == 1:
+            cands["conv, kernel flipped"] = lambda: F.conv2d(gy, w.flip(2, 3), None, 1, 1, 1, c)
+        yield f"depthwise dX, stride {stride}", x, cands
+
+
+def time_group(cands: dict, reps: int) -> dict:
+    import torch
+    reference = next(iter(cands.values()))()
+    for name, run in cands.items():
+        torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-3, msg=name)
+    times = {name: [] for name in cands}
+    for _ in range(reps):
+        for name, run in cands.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--batch", type=int, default=32)
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    totals: dict = {}
+    for cases in (pointwise_cases(args.batch), depthwise_cases(args.batch)):
+        for kind, _, cands in cases:
+            for name, ms in time_group(cands, args.reps).items():
+                totals.setdefault(kind, {}).setdefault(name, 0.0)
+                totals[kind][name] += ms
+    print(f"| op ({args.batch}-image batch, {args.threads} thread(s)) | candidate | ms, summed over shapes |")
+    print("|---|---|---|")
+    for kind, row in totals.items():
+        for name, ms in row.items():
+            print(f"| {kind} | {name} | {ms:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
