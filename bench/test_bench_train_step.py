@@ -352,6 +352,22 @@ def test_train_step_table_checks_the_issue_targets(trady_s, trady_peak, verdicts
     assert f"**{trady_peak / 63.4:.2f}x**" in peak_part
 
 
+def test_train_step_table_merges_runs_of_another_json(tmp_path):
+    """--render-only --merge: a second invocation's runs (e.g. 2 threads) join the first's."""
+    import train_step_table as T
+
+    first = {"machine": {}, "command": "python bench/train_step_table.py --threads 1",
+             "runs": [{"threads": 1, "rows": []}]}
+    second = dict(first, command="python bench/train_step_table.py --threads 2",
+                  runs=[{"threads": 2, "rows": []}])
+    (tmp_path / "train_step.json").write_text(json.dumps(first))
+    (tmp_path / "other.json").write_text(json.dumps(second))
+    saved = T.load_saved(tmp_path, [str(tmp_path / "other.json")])
+    assert [r["threads"] for r in saved["runs"]] == [1, 2]
+    assert saved["command"] == ("python bench/train_step_table.py --threads 1`, then "
+                                "`python bench/train_step_table.py --threads 2")
+
+
 def test_kernel_shim_without_an_install(tmp_path):
     """With only the repository on the path (as on the GPU machine), the top-level
     kernels/ folder is importable as trady_triton.kernels through bench's shim."""

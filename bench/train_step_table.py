@@ -284,6 +284,8 @@ def parse_args(argv):
     p.add_argument("--no-update", action="store_true", help="do not write bench/RESULTS.md")
     p.add_argument("--render-only", action="store_true",
                    help="re-render OUT/train_step.json (no measurement)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="with --render-only: append the runs of these train_step.json files")
     p.add_argument("--child", choices=["memory", "time"], help=argparse.SUPPRESS)
     p.add_argument("--configs", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -296,7 +298,9 @@ def parse_args(argv):
     return args
 
 
-def measure(args) -> list[dict]:
+def measure(args, checkpoint) -> list[dict]:
+    """One run per thread count; ``checkpoint(runs)`` after every model, so that a long
+    run that is stopped keeps what it measured."""
     from _train_bench import METHODS
 
     runs = []
@@ -304,16 +308,17 @@ def measure(args) -> list[dict]:
         run = {"threads": threads, "load_before": os.getloadavg()[0], "profile_steps": 2,
                "started_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "rows": []}
+        runs.append(run)
         for model in args.models:
             t0 = time.time()
             cfgs = model_configs(model, args.batch or DEFAULT_BATCH[model], args.levels,
                                  tuple(args.methods or METHODS))
             run["rows"] += measure_model(cfgs, threads, args.steps, args.top)
+            add_ratios(run["rows"])
+            run["load_after"] = os.getloadavg()[0]
+            checkpoint(runs)
             print(f"[train_step_table] {model}, {threads} thread(s): {time.time() - t0:.0f} s",
                   flush=True)
-        add_ratios(run["rows"])
-        run["load_after"] = os.getloadavg()[0]
-        runs.append(run)
     return runs
 
 
@@ -326,6 +331,16 @@ def write_outputs(md: str, saved: dict, out: Path, update_results: bool) -> None
         results.write_text(replace_section(results.read_text(), "cpu-train-step", md))
 
 
+def load_saved(out: Path, merge: list[str]) -> dict:
+    """OUT/train_step.json, with the runs of each ``--merge`` JSON appended."""
+    saved = json.loads((out / "train_step.json").read_text())
+    for path in merge:
+        other = json.loads(Path(path).read_text())
+        saved["runs"] += other["runs"]
+        saved["command"] += f"`, then `{other['command']}"
+    return saved
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
@@ -333,11 +348,16 @@ def main(argv=None) -> int:
                           args.top)
     out = Path(args.out)
     if args.render_only:
-        saved = json.loads((out / "train_step.json").read_text())
+        saved = load_saved(out, args.merge)
     else:
         argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-        saved = {"machine": machine_info("cpu"), "runs": measure(args),
+        saved = {"machine": machine_info("cpu"), "runs": [],
                  "command": f"python bench/train_step_table.py {argv_text}".rstrip()}
+
+        def checkpoint(runs):
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "train_step.json", dict(saved, runs=runs))
+        saved["runs"] = measure(args, checkpoint)
     md = render(saved["runs"], saved["machine"], saved["command"])
     write_outputs(md, saved, out, not args.no_update)
     print(md)
