@@ -63,6 +63,17 @@ def pytest_configure(config):
         config.option.benchmark_disable = True
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow`` cases (whole scripts end to end) run only with TRADY_RUN_SLOW=1, as in
+    tests/: reported as skipped otherwise, never dropped silently."""
+    if os.environ.get("TRADY_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set TRADY_RUN_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords and not item.get_closest_marker("skip"):
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     return f"trady bench size: {getattr(config, '_trady_bench_size', '?')}"
 
@@ -77,6 +88,10 @@ def bench_device(size) -> str:
     import torch
     return "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(scope="session")
+def bench_threads(request) -> int:
+    return request.config.getoption("--bench-threads")
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,8 @@
 #   bash bench/run_cpu.sh            (about 10 minutes on one core of a shared machine)
 # 1. pytest-benchmark suite (kernels + training step), JSON in bench/results/cpu/;
 # 2. the CPU kernel table  -> RESULTS.md section cpu-kernels;
-# 3. the training-step table (a fresh process per row, peak RSS) -> section cpu-train-step.
+# 3. the training-step table (rows interleaved per model, no-grad forward, peaks above idle,
+#    profiles) -> section cpu-train-step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

