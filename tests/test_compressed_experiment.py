@@ -82,12 +82,14 @@ def test_pretraining_is_cached_bit_identically(tmp_path, one_thread, monkeypatch
 def _record(net, setting, seed, accuracy):
     return {"net": net, "setting": setting, "seed": seed, "test_accuracy": accuracy,
             "saved_bytes": 1000 + seed, "cost_model_bytes": 1000 + seed,
-            "plain_full_finetune_bytes": 5000, "lr": 0.05}
+            "plain_full_finetune_bytes": 5000, "lr": 0.05,
+            "test_loss": None if accuracy < 0.11 else 1.0}
 
 
 def test_summary_pairs_by_seed_with_the_shared_statistics():
     rng = torch.Generator().manual_seed(5)
-    exact = {s: float(torch.rand(1, generator=rng)) for s in range(5)}
+    exact = {s: 0.2 + 0.8 * float(torch.rand(1, generator=rng)) for s in range(5)}
+    exact[2] = 0.05                                                  # one diverged run
     coded = {s: float(torch.rand(1, generator=rng)) for s in (1, 2, 3, 4, 6)}   # 0 missing, 6 extra
     records = [_record(MBV3, ce.EXACT, s, a) for s, a in exact.items()] + \
         [_record(MBV3, "4", s, a) for s, a in coded.items()]
@@ -100,7 +102,7 @@ def test_summary_pairs_by_seed_with_the_shared_statistics():
     row = next(r for r in summary["rows"] if r["setting"] == ce.EXACT)
     assert row["accuracy"]["mean"] == pytest.approx(statistics.fmean(exact.values()))
     assert row["accuracy"]["std"] == pytest.approx(statistics.stdev(exact.values()))
-    assert row["cost_model_match"]
+    assert row["cost_model_match"] and row["diverged"] == 1
     text = ce.format_markdown(summary)
     assert "TraDy 4-bit - exact" in text and f"{100 * statistics.fmean(diffs):+.2f}" in text
 
@@ -139,3 +141,27 @@ def test_bad_names_are_refused_naming_the_parameter():
         ce.build_net("resnet")
     with pytest.raises(ValueError, match=r"setting='16'.*allowed values"):
         ce.finetune_run(None, "16", 0, ce.TINY, None, None, None)
+
+
+def test_the_command_writes_markdown_and_json(tmp_path, monkeypatch):
+    from trady_triton import experiments
+
+    records = [_record(MBV3, s, seed, 0.5 + 0.01 * seed + 0.001 * i)
+               for i, s in enumerate(ce.SETTINGS) for seed in (0, 1, 2)]
+    facts = {MBV3: {"data": "fashion-mnist", "test_accuracy": 0.8125}}
+    seen = {}
+
+    def fake_run(plan, out, log):
+        seen["plan"], seen["out"] = plan, out
+        return records, facts
+    monkeypatch.setattr(ce, "run_experiment", fake_run)
+    md, js = tmp_path / "acc.md", tmp_path / "acc.json"
+    assert experiments.main(["compressed", "--tiny", "--seeds", "0", "1", "2", "--out",
+                             str(tmp_path / "runs"), "--markdown", str(md), "--json", str(js)]) == 0
+    assert seen["plan"].seeds == (0, 1, 2) and seen["plan"].finetune_images == ce.TINY.finetune_images
+    summary = json.loads(js.read_text())
+    assert summary["command"].startswith("trady-experiments compressed --tiny")
+    assert summary["pretrained"] == facts and summary["runs"] == len(records)
+    assert len(summary["comparisons"]) == len(ce.SETTINGS) - 1
+    text = md.read_text()
+    assert "81.2 % on fashion-mnist test" in text and "full fine-tuning - exact" in text

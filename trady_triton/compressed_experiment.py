@@ -294,6 +294,7 @@ def summarize(records: list[dict], plan: Plan, pretrained: dict | None = None) -
                          "accuracy": _spread([r["test_accuracy"] for r in runs.values()]),
                          "accuracy_per_seed": [runs[s]["test_accuracy"] for s in sorted(runs)],
                          "saved_bytes": _spread([r["saved_bytes"] for r in runs.values()]),
+                         "diverged": sum(r["test_loss"] is None for r in runs.values()),
                          "cost_model_match": all(r["saved_bytes"] == r["cost_model_bytes"]
                                                  for r in runs.values()),
                          "plain_full_finetune_bytes": first["plain_full_finetune_bytes"],
@@ -325,11 +326,12 @@ def format_markdown(summary: dict) -> str:
              f"{100 * r['accuracy']['mean']:.2f} ± {100 * r['accuracy']['std']:.2f}",
              str(r["accuracy"]["n"]), f"{r['saved_bytes']['mean'] / 2 ** 20:.3f}",
              f"{r['plain_full_finetune_bytes'] / r['saved_bytes']['mean']:.1f}x",
-             "yes" if r["cost_model_match"] else "NO", f"{r['lr']:g}"]
+             "yes" if r["cost_model_match"] else "NO", f"{r['lr']:g}",
+             str(r.get("diverged", "-"))]
             for r in summary["rows"]]
     table = markdown_table(["net", "setting", "test acc % (mean ± std)", "seeds",
                             "saved MiB (batch %d)" % summary["plan"]["batch"],
-                            "plain full FT / this", "= cost model", "lr"], rows)
+                            "plain full FT / this", "= cost model", "lr", "diverged"], rows)
     diffs = []
     for c in summary["comparisons"]:
         st = c["stats"]
