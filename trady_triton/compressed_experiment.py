@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-sized plan (checks the code path; numbers meaningless)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
+    parser.add_argument("--nets", nargs="+", choices=tuple(NETS),
+                        help="only these nets (e.g. one per process; the summary covers them)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     return parser
 
@@ -409,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = TINY if args.tiny else Plan()
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
+    if args.nets:
+        plan = dataclasses.replace(plan, nets=tuple(args.nets))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True))
