@@ -41,7 +41,8 @@ def test_per_module_bytes_cover_containers_and_functional_calls_and_sum_to_the_t
     report = controller.report(2, measured_bytes=by_module)
     assert "MultiheadAttention" in report and "functional calls" in report
     mha_row = next(line.split() for line in report.splitlines() if line.startswith("mha "))
-    assert mha_row == ["mha", "TraDyMultiheadAttention", str(by_module["mha"]), "not", "modelled"]
+    assert mha_row == ["mha", "TraDyMultiheadAttention", "as", "PyTorch", str(by_module["mha"]),
+                       "not", "modelled"]
 
 
 def test_per_module_bytes_of_a_converted_vit_equal_the_cost_model_module_by_module():

@@ -22,6 +22,7 @@ be overwritten.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .compressed import DerivativeCodes
+from .compressed import DerivativeCodes, compress, gate_input_bits, restore
 from .models.blocks import SqueezeExcitation
 from .reference import pack_mask, relu_backward_mask, unpack_mask
 from .first_order import first_order_only
@@ -129,29 +130,39 @@ class GateMultiply(Function):
     """``x * gate`` (gate broadcast over the spatial dims) keeping what each gradient needs.
 
     ``source`` is the input that the activation producing ``x`` kept (or None): x is
-    then recomputed from it as ``_INPUT_KINDS[kind][0](source)``.
+    then recomputed from it as ``_INPUT_KINDS[kind][0](source)``. With ``bits``
+    (compressed mode, no ``source``) x is kept as ``gate_input_bits(bits)``-bit integers
+    with a scale per (sample, channel).
     """
 
     @staticmethod
-    def forward(ctx, x, gate, source, kind):
+    def forward(ctx, x, gate, source, kind, bits=None):
         need_x, need_gate = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         ctx.kind = kind if source is not None else None
-        ctx.gate_shape = gate.shape
+        ctx.gate_shape, ctx.x_shape = gate.shape, x.shape
+        ctx.bits = gate_input_bits(bits) if bits is not None and need_x and source is None \
+            else None
         kept_x = (source if source is not None else x) if need_x else None
-        ctx.save_for_backward(kept_x, gate if need_gate else None)
+        kept_scales = None
+        if ctx.bits is not None:
+            kept_x, kept_scales = compress(x, ctx.bits, math.prod(x.shape[2:]))
+        ctx.save_for_backward(kept_x, kept_scales, gate if need_gate else None)
         return x * gate
 
     @staticmethod
     @first_order_only("TraDySqueezeExcitation")
     def backward(ctx, grad_y):
-        kept_x, gate = ctx.saved_tensors
+        kept_x, kept_scales, gate = ctx.saved_tensors
         grad_x = grad_gate = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y * gate
         if ctx.needs_input_grad[1]:
-            x = kept_x if ctx.kind is None else _INPUT_KINDS[ctx.kind][0](kept_x)
+            if ctx.bits is not None:
+                x = restore(kept_x, kept_scales.to(grad_y.dtype), ctx.bits, ctx.x_shape)
+            else:
+                x = kept_x if ctx.kind is None else _INPUT_KINDS[ctx.kind][0](kept_x)
             grad_gate = (grad_y * x).sum_to_size(ctx.gate_shape)   # as autograd reduces a broadcast
-        return grad_x, grad_gate, None, None
+        return grad_x, grad_gate, None, None, None
 
 
 def _grad_needed(*tensors: Tensor) -> bool:
@@ -172,15 +183,15 @@ def saved_input_activation(x: Tensor, kind: str, bits: int | None = None) -> Ten
     return y
 
 
-def gate_multiply(x: Tensor, gate: Tensor) -> Tensor:
-    """``x * gate`` for a squeeze-excitation gate ``[N, C, 1, 1]``."""
+def gate_multiply(x: Tensor, gate: Tensor, bits: int | None = None) -> Tensor:
+    """``x * gate`` for a squeeze-excitation gate ``[N, C, 1, 1]``; ``bits``: compressed mode."""
     if not _grad_needed(x, gate):
         return x * gate
     entry = _RECOMPUTABLE.get(x)
     source = entry[2]() if entry is not None and entry[0] == x._version else None
     if source is not None:   # x unchanged since its activation made it from ``source``
         return GateMultiply.apply(x, gate, source, entry[1])
-    return GateMultiply.apply(x, gate, None, None)
+    return GateMultiply.apply(x, gate, None, None, bits)
 
 
 # ------------------------------------------------------------------ modules
@@ -254,5 +265,7 @@ class TraDyDropout(_Swapped, nn.Dropout):
 class TraDySqueezeExcitation(_Swapped, SqueezeExcitation):
     """Squeeze-excitation whose ``x * gate`` keeps x at most once (see :class:`GateMultiply`)."""
 
+    backward_bits: int | None = None   # set by convert(): compressed mode
+
     def forward(self, x: Tensor) -> Tensor:
-        return gate_multiply(x, self.gate(x))
+        return gate_multiply(x, self.gate(x), self.backward_bits)

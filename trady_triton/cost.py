@@ -107,6 +107,10 @@ class KeptCost:
     # (layer, its input channels): a conv/linear taking the kept tensor as input; trained
     # on every channel it keeps the same storage, which its own entry counts
     shared_with: tuple[str, int] | None = None
+    # compressed mode: per-sample bytes besides the codes (scales, exact row statistics),
+    # and bytes kept once per call (a derivative code's levels)
+    extra_bytes_per_sample: int = 0
+    fixed_bytes: int = 0
     category = "kept"
 
     def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
@@ -114,7 +118,8 @@ class KeptCost:
             return 0
         if self.shared_with is not None and counts.get(self.shared_with[0]) == self.shared_with[1]:
             return 0
-        return math.ceil(batch * self.numel_per_sample * self.bits / 8)
+        return (math.ceil(batch * self.numel_per_sample * self.bits / 8)
+                + batch * self.extra_bytes_per_sample + self.fixed_bytes)
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ class GateCost:
     gradient when a trained layer ran before ``start``, the gate when one ran before
     ``order``. ``source_order``: position of the activation whose kept input recomputes x
     (None: x is kept itself). ``gate_kept_elsewhere``: the gate is a Sigmoid's output,
-    which that Sigmoid keeps (one storage, counted there).
+    which that Sigmoid keeps (one storage, counted there). ``x_bits`` (compressed mode):
+    x kept itself is kept as ``x_bits``-bit codes with a (minimum, step) per channel.
     """
 
     name: str
@@ -137,6 +143,7 @@ class GateCost:
     order: int
     source_order: int | None
     gate_kept_elsewhere: bool
+    x_bits: int | None = None
     category = "kept"
 
     def saved_bytes(self, batch: int, first_trained: float, counts: dict[str, int]) -> int:
@@ -145,8 +152,14 @@ class GateCost:
             total += batch * self.gate_numel_per_sample * self.element_bytes
         recomputed = self.source_order is not None and self.source_order > first_trained
         if self.order > first_trained and not recomputed:
-            total += batch * self.x_numel_per_sample * self.element_bytes
+            total += self._x_bytes(batch)
         return total
+
+    def _x_bytes(self, batch: int) -> int:
+        if self.x_bits is None:
+            return batch * self.x_numel_per_sample * self.element_bytes
+        scales = batch * self.gate_numel_per_sample * 2 * self.element_bytes
+        return math.ceil(batch * self.x_numel_per_sample * self.x_bits / 8) + scales
 
 
 @dataclass(frozen=True)

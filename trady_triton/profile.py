@@ -18,6 +18,7 @@ from . import activations as A
 from . import hf
 from . import pooling as P
 from . import transformer as X
+from .compressed import gate_input_bits
 from .cost import GateCost, KeptCost, LayerCost, MaskCost, RecomputeCost, element_bytes
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -155,17 +156,16 @@ def _kept_costs(order, name, module, x, y, records, starts) -> list:
     if isinstance(module, P.TraDyMaxPool2d):
         return [KeptCost(name, math.prod(y.shape[1:]), module.code_bits, order)]
     if isinstance(module, _KEEP_INPUT) and module.backward_bits is not None:   # derivative codes
-        return [KeptCost(name, per_sample, module.backward_bits, order)]
+        levels = 2 ** module.backward_bits * element_bytes(x.dtype)
+        return [KeptCost(name, per_sample, module.backward_bits, order, fixed_bytes=levels)]
     if isinstance(module, _KEEP_INPUT):
         return [KeptCost(name, per_sample, bits, order, _layer_taking(records, x))]
     if isinstance(module, _KEEP_OUTPUT):
         return [KeptCost(name, math.prod(y.shape[1:]), bits, order, _layer_taking(records, y))]
-    if isinstance(module, X.TraDyLayerNorm):   # + mean and 1/std per normalised row
-        rows = per_sample // math.prod(module.normalized_shape)
-        return [KeptCost(name, per_sample + 2 * rows, bits, order)]
-    if isinstance(module, X.TraDyAttention):   # the core runs just after qkv
-        qkv = _record(records, f"{name}.qkv")
-        return [KeptCost(name, math.prod(qkv[4].shape[1:]), bits, qkv[0] + 0.5)]
+    if isinstance(module, X.TraDyLayerNorm):
+        return [_layer_norm_cost(order, name, module, x)]
+    if isinstance(module, X.TraDyAttention):
+        return [_attention_cost(name, module, records)]
     if isinstance(module, X.TraDyMLP):
         if module.activation_kind() is None:
             return []
@@ -173,6 +173,28 @@ def _kept_costs(order, name, module, x, y, records, starts) -> list:
         return [RecomputeCost(name, per_sample, element_bytes(x.dtype), fc1[1], fc1[0],
                               module.fc1.in_features)]
     return [_gate_cost(order, name, module, x, records, starts)]
+
+
+def _layer_norm_cost(order, name, module, x) -> KeptCost:
+    """x and, per normalised row, mean and 1/std; compressed: x as codes + per-row scales."""
+    per_sample, size = math.prod(x.shape[1:]), element_bytes(x.dtype)
+    rows = per_sample // math.prod(module.normalized_shape)
+    if module.backward_bits is None:
+        return KeptCost(name, per_sample + 2 * rows, 8 * size, order)
+    return KeptCost(name, per_sample, module.backward_bits, order,
+                    extra_bytes_per_sample=(2 + 2) * rows * size)
+
+
+def _attention_cost(name, module, records) -> KeptCost:
+    """The packed qkv; compressed: codes + a (minimum, step) per (token, q/k/v, head)."""
+    _, _, _, _, qkv = _record(records, f"{name}.qkv")
+    order = _record(records, f"{name}.qkv")[0] + 0.5   # the core runs just after qkv
+    per_sample, size = math.prod(qkv.shape[1:]), element_bytes(qkv.dtype)
+    if module.backward_bits is None:
+        return KeptCost(name, per_sample, 8 * size, order)
+    groups = per_sample // (qkv.shape[-1] // 3 // module.heads)
+    return KeptCost(name, per_sample, module.backward_bits, order,
+                    extra_bytes_per_sample=2 * groups * size)
 
 
 def _class_name(module: nn.Module) -> str:
@@ -200,7 +222,9 @@ def _gate_cost(order, name, module, x, records, starts) -> GateCost:
     source = producer[0] if keeps_input else None
     return GateCost(name, math.prod(x.shape[1:]), x.shape[1], element_bytes(x.dtype),
                     starts[name], order, source,
-                    isinstance(module.scale_activation, _KEEP_OUTPUT))
+                    isinstance(module.scale_activation, _KEEP_OUTPUT),
+                    None if keeps_input or module.backward_bits is None
+                    else gate_input_bits(module.backward_bits))
 
 
 def _consumers(records, tensor, after: int) -> list:

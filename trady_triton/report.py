@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch.nn as nn
+
 from . import cost as C
 from .tables import mib, text_table
-from .compressed import backward_bits_of
+from .compressed import backward_bits_of, gate_input_bits
 
 
 def _mib(nbytes: float) -> str:
@@ -49,7 +51,9 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
     bits = backward_bits_of(controller.model)
     lines.append("backward: exact" if bits is None else
                  f"backward: compressed, SiLU/GELU/Hardswish keep {bits}-bit derivative codes "
-                 "(stochastic rounding, unbiased); everything else exact")
+                 f"(levels fitted per tensor); LayerNorm inputs and attention qkv {bits}-bit, "
+                 f"squeeze-excitation x {gate_input_bits(bits)}-bit integers with per-group "
+                 "scales; masks, window codes and compact copies as in exact mode")
     if isinstance(measured_bytes, dict):
         lines += _per_module_lines(controller, batch, measured_bytes)
     elif measured_bytes is not None:
@@ -66,13 +70,43 @@ def _per_module_lines(controller, batch: int, measured: dict[str, int]) -> list[
     """Every module that kept tensors (``saved_bytes_by_module``) next to the cost model."""
     modelled = C.saved_bytes_per_module(controller.layers, controller.profile.masks,
                                         controller.counts(), batch)
-    rows = [("module (kept for backward)", "type", "measured bytes", "cost model bytes")]
+    rows = [("module (kept for backward)", "type", "kept as", "measured bytes", "cost model bytes")]
     for name in sorted(set(measured) | set(modelled), key=lambda n: -measured.get(n, 0)):
-        kind = type(controller.model.get_submodule(name)).__name__ if name else \
-            "functional calls in the model's forward"
-        rows.append((name or "(model)", kind, str(measured.get(name, 0)),
+        module = controller.model.get_submodule(name) if name else None
+        kind = type(module).__name__ if name else "functional calls in the model's forward"
+        rows.append((name or "(model)", kind, kept_as(module), str(measured.get(name, 0)),
                      str(modelled[name]) if name in modelled else "not modelled"))
-    table = text_table(rows[0], rows[1:], align="llrr").split("\n")
+    table = text_table(rows[0], rows[1:], align="lllrr").split("\n")
     total = sum(measured.values())
     return ["", *table, f"saved for backward (measured): {_mib(total)} (cost model "
             f"{_mib(controller.saved_bytes(batch)['total'])})"]
+
+
+def kept_as(module) -> str:
+    """How ``module`` keeps what it keeps for backward: the bits column of the report."""
+    from . import activations as A
+    from . import pooling as P
+    from . import transformer as X
+
+    bits = getattr(module, "backward_bits", None)
+    if isinstance(module, A._SavedInputModule):
+        return "full precision input" if bits is None else f"{bits}-bit derivative codes"
+    if isinstance(module, A.TraDySqueezeExcitation):
+        return "gate; x full precision or recomputed" if bits is None else \
+            f"gate; x {gate_input_bits(bits)}-bit, scale per channel (or recomputed)"
+    if isinstance(module, X.TraDyLayerNorm):
+        return "input, mean, 1/std" if bits is None else \
+            f"input {bits}-bit, scale per row; mean, 1/std"
+    if isinstance(module, X.TraDyAttention):
+        return "qkv full precision" if bits is None else f"qkv {bits}-bit, scale per head"
+    if isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path:
+        return "qkv full precision"
+    if isinstance(module, A._SavedOutputModule):
+        return "output, full precision"
+    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardsigmoid, nn.Dropout, nn.BatchNorm2d)):
+        return "1-bit mask"
+    if isinstance(module, P.TraDyMaxPool2d):
+        return f"{module.code_bits}-bit window codes"
+    if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+        return "compact copy, full precision"
+    return "as PyTorch"

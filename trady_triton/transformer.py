@@ -18,6 +18,8 @@ The modules here replace the ``Attention`` and ``MLP`` of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .activations import _INPUT_KINDS, _SavedInputModule
+from .compressed import compress, restore
 from .models.transformer_blocks import MLP, Attention, attention_core
 from .first_order import first_order_only
 
@@ -34,43 +37,57 @@ def _grad_needed(*tensors) -> bool:
 
 
 class LayerNormKeepsInput(Function):
-    """LayerNorm without trainable affine: keeps x, mean and 1/std."""
+    """LayerNorm without trainable affine: keeps x, mean and 1/std.
+
+    With ``bits`` (compressed mode) x is kept as ``bits``-bit integers scaled per row.
+    """
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps):
+    def forward(ctx, x, normalized_shape, weight, bias, eps, bits=None):
         y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.normalized_shape, ctx.weight, ctx.bias = normalized_shape, weight, bias
-        ctx.save_for_backward(x, mean, rstd)
+        ctx.bits, ctx.x_shape = bits, x.shape
+        kept = (x, None) if bits is None else compress(x, bits, math.prod(normalized_shape))
+        ctx.save_for_backward(*kept, mean, rstd)
         return y
 
     @staticmethod
     @first_order_only("TraDyLayerNorm")
     def backward(ctx, grad_y):
-        x, mean, rstd = ctx.saved_tensors
+        x, scales, mean, rstd = ctx.saved_tensors
+        if ctx.bits is not None:
+            x = restore(x, scales.to(grad_y.dtype), ctx.bits, ctx.x_shape)
         grad_x = torch.ops.aten.native_layer_norm_backward(
             grad_y, x, ctx.normalized_shape, mean, rstd, ctx.weight, ctx.bias,
             [True, False, False])[0]
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 class AttentionCore(Function):
-    """:func:`attention_core` keeping only the packed ``qkv``."""
+    """:func:`attention_core` keeping only the packed ``qkv``.
+
+    With ``bits`` (compressed mode) qkv is kept as ``bits``-bit integers scaled per
+    (token, q/k/v, head); backward recomputes the attention from the decoded qkv.
+    """
 
     @staticmethod
-    def forward(ctx, qkv, heads, mask):
-        ctx.heads, ctx.mask = heads, mask
-        ctx.save_for_backward(qkv)
+    def forward(ctx, qkv, heads, mask, bits=None):
+        ctx.heads, ctx.mask, ctx.bits, ctx.shape = heads, mask, bits, qkv.shape
+        group = qkv.shape[-1] // 3 // heads
+        ctx.save_for_backward(*((qkv, None) if bits is None else compress(qkv, bits, group)))
         return attention_core(qkv, heads, mask)
 
     @staticmethod
     @first_order_only("TraDyAttention / TraDyMultiheadAttention")
     def backward(ctx, grad_o):
-        (qkv,) = ctx.saved_tensors
+        qkv, scales = ctx.saved_tensors
+        if ctx.bits is not None:
+            qkv = restore(qkv, scales.to(grad_o.dtype), ctx.bits, ctx.shape)
         with torch.enable_grad():
             leaf = qkv.detach().requires_grad_(True)
             (grad_qkv,) = torch.autograd.grad(attention_core(leaf, ctx.heads, ctx.mask), leaf,
                                               grad_o)
-        return grad_qkv, None, None
+        return grad_qkv, None, None, None
 
 
 class RecomputedActivation(Function):
@@ -93,6 +110,8 @@ class RecomputedActivation(Function):
 class TraDyLayerNorm(nn.LayerNorm):
     """nn.LayerNorm; with a frozen (or no) affine, see :class:`LayerNormKeepsInput`."""
 
+    backward_bits: int | None = None   # set by convert(): compressed mode
+
     def _trady_setup(self) -> None:
         pass
 
@@ -103,11 +122,13 @@ class TraDyLayerNorm(nn.LayerNorm):
         if not _grad_needed(x) or self.trainable_affine():
             return super().forward(x)
         return LayerNormKeepsInput.apply(x, tuple(self.normalized_shape), self.weight, self.bias,
-                                         self.eps)
+                                         self.eps, self.backward_bits)
 
 
 class TraDyAttention(Attention):
     """Attention whose core keeps only ``qkv`` (see :class:`AttentionCore`)."""
+
+    backward_bits: int | None = None   # set by convert(): compressed mode
 
     def _trady_setup(self) -> None:
         pass
@@ -116,7 +137,7 @@ class TraDyAttention(Attention):
         qkv = self.qkv(x)
         if not _grad_needed(qkv):
             return self.proj(attention_core(qkv, self.heads, mask))
-        return self.proj(AttentionCore.apply(qkv, self.heads, mask))
+        return self.proj(AttentionCore.apply(qkv, self.heads, mask, self.backward_bits))
 
 
 class TraDyMLP(MLP):
