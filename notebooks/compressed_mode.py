@@ -1,11 +1,12 @@
 # %% [markdown]
 # # Compressed mode: how close are k-bit backward codes to the exact gradient?
 #
-# `convert(..., backward_bits=k)` lets the activations behind the earliest trained layer keep a
-# k-bit code instead of what their exact backward needs (`trady_triton/compressed.py`). This
-# notebook measures, per trained layer, the cosine between the weight gradient of compressed
-# mode and that of exact mode (same channels, same batch, one draw of the stochastic rounding),
-# for k = 8, 4, 2:
+# `convert(..., backward_bits=k)` lets the modules behind the earliest trained layer keep
+# k-bit codes instead of what their exact backward needs (`trady_triton/compressed.py`: the
+# derivative of SiLU/GELU/Hardswish, a squeeze-excitation's x, LayerNorm's input, attention's
+# packed qkv). This notebook measures, per trained layer, the cosine between the weight
+# gradient of compressed mode and that of exact mode (same channels, same batch), for
+# k = 8, 4, 2:
 #
 # * on the two small nets pretrained here on Fashion-MNIST (a MobileNetV3-Small at width 0.5
 #   and a 3-layer ViT with patch 4, 32x32 inputs; `trady_triton/compressed_experiment.py`),

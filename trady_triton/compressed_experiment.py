@@ -214,8 +214,8 @@ def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ran
                  train, test) -> dict:
     """One fine-tuning run: SGD with warm-up + cosine, ``controller.resample`` per epoch.
 
-    Seeds fix the classifier's init, the channel draws, the batch order and the stochastic
-    rounding, so runs of the same seed differ only by their setting."""
+    Seeds fix the classifier's init, the channel draws, the batch order and the global RNG
+    (dropout, any random rounding), so runs of the same seed differ only by their setting."""
     from .train import epoch_batches, evaluate, measure_plain_full_finetune, \
         train_one_epoch, warmup_cosine
 
@@ -229,7 +229,7 @@ def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ran
     optimizer = torch.optim.SGD([p for p in model.parameters()], lr=lr, momentum=0.9)
     steps = plan.finetune_epochs * -(-len(x) // plan.batch)
     scheduler = warmup_cosine(optimizer, steps, max(steps // 10, 1))
-    torch.manual_seed(seed)          # dropout and stochastic rounding
+    torch.manual_seed(seed)          # dropout (and any random rounding of the codes)
     epochs = []
     for epoch in range(plan.finetune_epochs):
         controller.resample(epoch)
