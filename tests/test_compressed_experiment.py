@@ -165,3 +165,16 @@ def test_the_command_writes_markdown_and_json(tmp_path, monkeypatch):
     assert len(summary["comparisons"]) == len(ce.SETTINGS) - 1
     text = md.read_text()
     assert "81.2 % on fashion-mnist test" in text and "full fine-tuning - exact" in text
+
+
+def test_a_diverged_ranking_is_refused_naming_the_rate(tmp_path, monkeypatch):
+    from trady_triton import ranking as ranking_module
+
+    def nan_ranking(model, batches, steps, lr, arch):
+        return ranking_module.LayerRanking(arch, {"a": float("nan"), "b": 1.0}, steps)
+    monkeypatch.setattr(ranking_module, "rank_layers", nan_ranking)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    net = ce.build_net(MBV3)
+    with pytest.raises(ValueError, match=r"rank_lr=0.005: .*diverged"):
+        ce.layer_ranking(MBV3, net, ce.Plan(rank_steps=1, batch=4), (x, y), tmp_path)
+    assert not (tmp_path / "rankings").exists() or not any((tmp_path / "rankings").iterdir())
