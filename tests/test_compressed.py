@@ -14,7 +14,9 @@ from helpers import check_exact_conversion, small_net
 from trady_triton.activations import _INPUT_KINDS, GateMultiply
 from trady_triton.codes import (decode_levels, dequantize_groups, derivative_codes, fit_levels,
                                 quantize_groups)
-from trady_triton.compressed import DerivativeCodes, gate_input_bits
+from trady_triton.autograd import SelectedConv2d, SelectedLinear
+from trady_triton.compressed import (DerivativeCodes, compress_channels, gate_input_bits,
+                                     restore_channels)
 from trady_triton.models.blocks import SqueezeExcitation
 from trady_triton.models.efficientnet_b0 import EfficientNetB0
 from trady_triton.models.mobilenetv3 import MobileNetV3Small
@@ -142,6 +144,45 @@ def test_compressed_attention_core_against_float64_exact(bits):
     assert _cosine(qkv.grad, leaf.grad) >= {8: 0.9999, 4: 0.995, 2: 0.9}[bits]
 
 
+@pytest.mark.parametrize("dim", [1, -1])
+def test_channel_codes_round_trip_within_half_a_step_per_channel(dim):
+    x = _randn(3, 5, 7, 9, scale=2)
+    packed, scales = compress_channels(x, 8, dim)
+    assert scales.shape == (x.shape[dim], 2)
+    back = restore_channels(packed, scales, 8, x.shape, dim)
+    assert back.is_contiguous() and back.shape == x.shape
+    step = scales[:, 1].reshape([-1 if i == dim % 4 else 1 for i in range(4)])
+    assert ((back - x).abs() <= step / 2 * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compressed_compact_copy_of_a_conv_against_float64_exact(bits):
+    x, weight = _randn(3, 7, 9, 11).requires_grad_(True), _randn(5, 7, 3, 3, seed=1)
+    idx, grad = torch.tensor([1, 4, 6]), _randn(3, 5, 9, 11, seed=2)
+    leaf = weight.clone().requires_grad_(True)
+    with tt.saved_tensor_bytes(None) as saved:
+        y = SelectedConv2d.apply(x, leaf, None, idx, (1, 1), (1, 1), (1, 1), 1, None, bits)
+    y.backward(grad)
+    ref_x, ref_w = x.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    F.conv2d(ref_x, ref_w, None, 1, 1).backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad)                  # dX needs no compact copy
+    assert (leaf.grad[:, [0, 2, 3, 5]] == 0).all()                  # unselected slices
+    assert _cosine(leaf.grad[:, idx], ref_w.grad[:, idx]) >= {8: 0.9999, 4: 0.99}[bits]
+    codes = math.ceil(3 * 3 * 9 * 11 * bits / 8)
+    assert saved.total == codes + 3 * 2 * 8 + weight.numel() * 8 + idx.numel() * 8
+
+
+def test_compressed_compact_copy_of_a_linear_over_tokens_against_float64_exact():
+    x, weight = _randn(3, 13, 10).requires_grad_(True), _randn(6, 10, seed=1)
+    idx, grad = torch.tensor([0, 3, 9]), _randn(3, 13, 6, seed=2)
+    leaf = weight.clone().requires_grad_(True)
+    SelectedLinear.apply(x, leaf, None, idx, None, 8).backward(grad)
+    expected = torch.einsum("nto,nti->oi", grad, x.detach())
+    torch.testing.assert_close(x.grad, grad @ weight)
+    assert (leaf.grad[:, [1, 2, 4, 5, 6, 7, 8]] == 0).all()
+    assert _cosine(leaf.grad[:, idx], expected[:, idx]) >= 0.9999
+
+
 # ------------------------------------------------------------------ whole nets
 def _tiny(name):
     torch.manual_seed(0)
@@ -176,6 +217,9 @@ def _check_net(name, bits, floor):
     assert exact.keys() == compressed.keys() and len(exact) > 2
     for layer, g in exact.items():   # the bound, on every trained layer
         assert _cosine(g, compressed[layer]) >= floor, (layer, _cosine(g, compressed[layer]))
+    if bits >= 4:   # its input and the loss's gradient are exact: the classifier's is too
+        head = controller.classifier
+        torch.testing.assert_close(compressed[head], exact[head], rtol=1e-12, atol=0)
     for model in (compressed_net, exact_net):
         model.train()
     with tt.saved_tensor_bytes(compressed_net) as saved:

@@ -114,7 +114,7 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
     snapshot, user_flags = ModelSnapshot(model), UserFlags(model)
     try:
         modules = swap_modules(model, freeze_stats=freeze_bn_stats)
-        set_backward_bits(model, backward_bits)
+        set_backward_bits(model, backward_bits, classifier)
         trainable = [m for n, m in modules.items()
                      if hasattr(m, "selected_channels") and n != classifier]
         if not trainable:

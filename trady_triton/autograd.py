@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from . import ops
+from .compressed import compress_channels, restore_channels
 from .dispatch import ops_for
 from .first_order import first_order_only
 
@@ -66,7 +67,8 @@ class SelectedConv2d(Function):
     """Conv2d whose weight gradient is computed for input channels ``idx`` only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, idx, stride, padding, dilation, groups, x_compact):
+    def forward(ctx, x, weight, bias, idx, stride, padding, dilation, groups, x_compact,
+                bits=None):
         y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_shape = x.shape
@@ -81,13 +83,14 @@ class SelectedConv2d(Function):
             saved = _as(saved, y.dtype)   # autocast: keep what the conv computed with
         else:
             saved = None
-        ctx.save_for_backward(saved, weight, idx)
+        ctx.save_for_backward(*_compact_kept(ctx, saved, bits, 1), weight, idx)
         return y
 
     @staticmethod
     @first_order_only("TraDyConv2d (a converted nn.Conv2d, trained channels)")
     def backward(ctx, grad_y):
-        saved, weight, idx = ctx.saved_tensors
+        saved, scales, weight, idx = ctx.saved_tensors
+        saved = _compact_restored(ctx, saved, scales, 1)
         stride, padding, dilation, groups = ctx.conv
         weight = _as(weight, grad_y.dtype)
         grad_x = grad_w = grad_b = None
@@ -102,7 +105,7 @@ class SelectedConv2d(Function):
                     saved, grad_y, idx, tuple(weight.shape), stride, padding, dilation, groups)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class FrozenConv2d(Function):
@@ -129,7 +132,7 @@ class SelectedLinear(Function):
     """Linear whose weight gradient is computed for input features ``idx`` only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, idx, x_compact):
+    def forward(ctx, x, weight, bias, idx, x_compact, bits=None):
         y = F.linear(x, weight, bias)
         ctx.full = _all_channels(idx, x.shape[-1])
         if ctx.needs_input_grad[1]:
@@ -142,13 +145,14 @@ class SelectedLinear(Function):
             saved = _as(saved, y.dtype)
         else:
             saved = None
-        ctx.save_for_backward(saved, weight, idx)
+        ctx.save_for_backward(*_compact_kept(ctx, saved, bits, -1), weight, idx)
         return y
 
     @staticmethod
     @first_order_only("TraDyLinear (a converted nn.Linear, trained features)")
     def backward(ctx, grad_y):
-        saved, weight, idx = ctx.saved_tensors
+        saved, scales, weight, idx = ctx.saved_tensors
+        saved = _compact_restored(ctx, saved, scales, -1)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _as(weight, grad_y.dtype)
@@ -160,7 +164,22 @@ class SelectedLinear(Function):
                                                                    weight.shape[1])
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _compact_kept(ctx, saved: Tensor | None, bits: int | None, dim: int) -> tuple:
+    """(kept, scales) for the compact copy: itself, or its compressed-mode codes."""
+    ctx.compact_bits = bits if saved is not None else None
+    if ctx.compact_bits is None:
+        return saved, None
+    ctx.compact_shape = saved.shape
+    return compress_channels(saved, bits, dim)
+
+
+def _compact_restored(ctx, kept: Tensor | None, scales: Tensor | None, dim: int):
+    if ctx.compact_bits is None:
+        return kept
+    return restore_channels(kept, scales, ctx.compact_bits, ctx.compact_shape, dim)
 
 
 class FrozenLinear(Function):

@@ -58,13 +58,26 @@ class DerivativeCodes(Function):
 
 
 def gate_input_bits(bits: int) -> int:
-    """Bits of a squeeze-excitation's kept x in mode ``bits``: twice as many, at most 8.
+    """Bits of a tensor entering a sum over positions (a squeeze-excitation's x, a compact
+    copy) in mode ``bits``: twice as many, at most 8.
 
-    The gate's gradient sums ``grad * x`` over the spatial positions, where the terms
-    largely cancel: measured on EfficientNet-B0 (bench/RESULTS.md), x in 4 bits gave a
-    worst layer cosine of 0.985 at ``backward_bits=4``, in 8 bits 0.9999.
+    The gate's and the weights' gradients sum ``grad * x`` over the positions, where the
+    terms largely cancel: measured on EfficientNet-B0 (bench/RESULTS.md), SE x in 4 bits
+    gave a worst layer cosine of 0.985 at ``backward_bits=4``, in 8 bits 0.9999.
     """
     return min(8, 2 * bits)
+
+
+def compress_channels(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor]:
+    """A compact copy as ``bits``-bit codes with a (minimum, step) per channel (``dim``)."""
+    moved = x.movedim(dim, 0).contiguous()
+    return quantize_groups(moved, bits, max(1, moved[0].numel()))
+
+
+def restore_channels(packed: Tensor, scales: Tensor, bits: int, shape, dim: int) -> Tensor:
+    """Inverse of :func:`compress_channels` (``shape``: the compact copy's), contiguous."""
+    moved_shape = (shape[dim],) + tuple(s for i, s in enumerate(shape) if i != dim % len(shape))
+    return dequantize_groups(packed, scales, bits, moved_shape).movedim(0, dim).contiguous()
 
 
 def compress(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]:
@@ -77,21 +90,26 @@ def restore(packed: Tensor, scales: Tensor, bits: int, shape) -> Tensor:
     return dequantize_groups(packed, scales, bits, shape)
 
 
-def set_backward_bits(model, bits: int | None) -> None:
+def set_backward_bits(model, bits: int | None, classifier: str | None = None) -> None:
     """Put the converted modules of ``model`` that can compress in exact or compressed mode.
 
     A squeeze-excitation's own activation stays exact: it acts on ``[N, C', 1, 1]``, so
     codes would save next to nothing, while its noise reaches every gate of the block.
+    The ``classifier`` (trained in full, on a small input) keeps its input exact.
     """
     from .activations import TraDySqueezeExcitation, _SavedInputModule
+    from .layers import TraDyConv2d, TraDyLinear
     from .transformer import TraDyAttention, TraDyLayerNorm
 
     check_backward_bits(bits)
     inside_se = {id(m.activation) for m in model.modules() if isinstance(m, TraDySqueezeExcitation)}
     compressible = (_SavedInputModule, TraDySqueezeExcitation, TraDyAttention, TraDyLayerNorm)
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, compressible):
             module.backward_bits = None if id(module) in inside_se else bits
+        elif isinstance(module, (TraDyConv2d, TraDyLinear)):
+            module.compact_bits = None if bits is None or name == classifier \
+                else gate_input_bits(bits)
 
 
 def backward_bits_of(model) -> int | None:

@@ -34,6 +34,14 @@ class LayerCost:
     element_bytes: int
     order: int                       # position in the forward's execution order
     is_classifier: bool = False
+    compact_bits: int | None = None  # compressed mode: the compact copy in k-bit codes
+
+    def compact_bytes(self, channels: int, batch: int) -> int:
+        """Bytes of the compact copy of ``channels`` input channels (codes + per-channel scales)."""
+        numel = batch * channels * self.activation_units_per_channel
+        if self.compact_bits is None:
+            return numel * self.element_bytes
+        return math.ceil(numel * self.compact_bits / 8) + channels * 2 * self.element_bytes
 
     @property
     def weight_units_per_channel(self) -> int:
@@ -265,8 +273,7 @@ def saved_bytes_per_module(layers: list[LayerCost], masks: list, counts: dict[st
     if not trained:
         return {}
     first = min(l.order for l in trained)
-    per_module = {l.name: batch * counts[l.name] * l.activation_units_per_channel * l.element_bytes
-                  for l in trained}
+    per_module = {l.name: l.compact_bytes(counts[l.name], batch) for l in trained}
     for entry in masks:
         nbytes = entry.saved_bytes(batch, first, counts)
         if nbytes:

@@ -56,6 +56,8 @@ class _FusionTarget:
 class TraDyConv2d(_FusionTarget, nn.Conv2d):
     """nn.Conv2d that trains only the input channels ``selected_channels``."""
 
+    compact_bits: int | None = None   # compressed mode: bits of the kept compact copy
+
     def _trady_setup(self) -> None:
         self.register_buffer("selected_channels",
                              torch.arange(self.in_channels, device=self.weight.device),
@@ -74,7 +76,7 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
         if self.weight.requires_grad:
             return fn.SelectedConv2d.apply(x, self.weight, self.bias, self.selected_channels,
                                            self.stride, self.padding, self.dilation,
-                                           self.groups, compact)
+                                           self.groups, compact, self.compact_bits)
         return fn.FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding,
                                      self.dilation, self.groups)
 
@@ -117,6 +119,8 @@ class TraDyConv2d(_FusionTarget, nn.Conv2d):
 class TraDyLinear(_FusionTarget, nn.Linear):
     """nn.Linear that trains only the input features ``selected_channels``."""
 
+    compact_bits: int | None = None   # compressed mode: bits of the kept compact copy
+
     def _trady_setup(self) -> None:
         self.register_buffer("selected_channels",
                              torch.arange(self.in_features, device=self.weight.device),
@@ -129,7 +133,7 @@ class TraDyLinear(_FusionTarget, nn.Linear):
         compact = self._take_compact(x)
         if self.weight.requires_grad:
             return fn.SelectedLinear.apply(x, self.weight, self.bias, self.selected_channels,
-                                           compact)
+                                           compact, self.compact_bits)
         return fn.FrozenLinear.apply(x, self.weight, self.bias)
 
 

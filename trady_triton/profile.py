@@ -114,7 +114,8 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
                                     module.groups, tuple(module.kernel_size),
                                     _spatial(x.shape, "conv"), _spatial(y.shape, "conv"),
-                                    element_bytes(x.dtype), order, name == classifier))
+                                    element_bytes(x.dtype), order, name == classifier,
+                                    getattr(module, "compact_bits", None)))
         elif isinstance(module, nn.Conv1d) and x is not None:   # costed as a Conv2d of height 1
             layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
                                     module.groups, (1, module.kernel_size[0]), tuple(x.shape[-1:]),
@@ -123,7 +124,8 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
         elif isinstance(module, nn.Linear) and x is not None:
             layers.append(LayerCost(name, "linear", module.in_features, module.out_features, 1,
                                     (1, 1), _spatial(x.shape, "linear"), _spatial(y.shape, "linear"),
-                                    element_bytes(x.dtype), order, name == classifier))
+                                    element_bytes(x.dtype), order, name == classifier,
+                                    getattr(module, "compact_bits", None)))
         elif isinstance(module, _ACTIVATIONS) and x is not None:
             masks.append(MaskCost(name, math.prod(x.shape[1:]), order))
         elif isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path \
@@ -204,9 +206,12 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _layer_taking(records, tensor) -> tuple[str, int] | None:
-    """(name, input channels) of the first conv/linear whose input is ``tensor``."""
+    """(name, input channels) of the first conv/linear whose input is ``tensor``, unless it
+    keeps compressed codes (compressed mode: then never the same storage)."""
     for _, name, module, x, _ in records:
         if x is tensor and isinstance(module, (nn.Conv2d, nn.Linear)):
+            if getattr(module, "compact_bits", None) is not None:
+                return None
             return name, module.weight.shape[1] * getattr(module, "groups", 1)
     return None
 

@@ -20,7 +20,7 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
     for layer in layers:
         k = counts.get(layer.name, 0)
         units = k * layer.units_per_channel
-        saved = batch * k * layer.activation_units_per_channel * layer.element_bytes
+        saved = layer.compact_bytes(k, batch) if k else 0
         flops = C.weight_grad_flops(layer, k, batch) / 1e9
         name = layer.name + (" (classifier)" if layer.is_classifier else "")
         rows.append((name, layer.shape_str(), f"{k}/{layer.in_channels}", str(units), str(saved),
