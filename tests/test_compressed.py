@@ -15,7 +15,7 @@ from trady_triton.activations import _INPUT_KINDS, GateMultiply
 from trady_triton.codes import (decode_levels, dequantize_groups, derivative_codes, fit_levels,
                                 quantize_groups)
 from trady_triton.autograd import SelectedConv2d, SelectedLinear
-from trady_triton.compressed import (DerivativeCodes, compress_channels, gate_input_bits,
+from trady_triton.compressed import (DerivativeCodes, compress_channels, summed_input_bits,
                                      restore_channels)
 from trady_triton.models.blocks import SqueezeExcitation
 from trady_triton.models.efficientnet_b0 import EfficientNetB0
@@ -116,7 +116,7 @@ def test_compressed_gate_multiply_against_float64_exact(bits):
     torch.testing.assert_close(x.grad, grad * gate.detach(), rtol=0, atol=0)   # the gate is exact
     exact = (grad * x.detach()).sum((2, 3), keepdim=True)
     assert _cosine(gate.grad, exact) >= 0.999
-    codes = math.ceil(x.numel() * gate_input_bits(bits) / 8)
+    codes = math.ceil(x.numel() * summed_input_bits(bits) / 8)
     assert saved.total == codes + 15 * 2 * 8 + gate.numel() * 8   # codes, scales, gate
 
 
@@ -239,6 +239,7 @@ def test_four_bits_every_layer_cosine_and_bytes_equal_the_cost_model(name):
         assert "qkv 4-bit, scale per head" in report and "input 4-bit, scale per row" in report
     else:
         assert "x 8-bit, scale per channel" in report
+    assert "compact copy 8-bit, scale per channel" in report
 
 
 @pytest.mark.parametrize("name", ["vit", "efficientnet"])

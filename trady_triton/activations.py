@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .compressed import DerivativeCodes, compress, gate_input_bits, restore
+from .compressed import DerivativeCodes, compress, summed_input_bits, restore
 from .models.blocks import SqueezeExcitation
 from .reference import pack_mask, relu_backward_mask, unpack_mask
 from .first_order import first_order_only
@@ -131,7 +131,7 @@ class GateMultiply(Function):
 
     ``source`` is the input that the activation producing ``x`` kept (or None): x is
     then recomputed from it as ``_INPUT_KINDS[kind][0](source)``. With ``bits``
-    (compressed mode, no ``source``) x is kept as ``gate_input_bits(bits)``-bit integers
+    (compressed mode, no ``source``) x is kept as ``summed_input_bits(bits)``-bit integers
     with a scale per (sample, channel).
     """
 
@@ -140,7 +140,7 @@ class GateMultiply(Function):
         need_x, need_gate = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         ctx.kind = kind if source is not None else None
         ctx.gate_shape, ctx.x_shape = gate.shape, x.shape
-        ctx.bits = gate_input_bits(bits) if bits is not None and need_x and source is None \
+        ctx.bits = summed_input_bits(bits) if bits is not None and need_x and source is None \
             else None
         kept_x = (source if source is not None else x) if need_x else None
         kept_scales = None

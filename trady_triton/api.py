@@ -97,8 +97,10 @@ def convert(model: nn.Module, keep_ratio: float | None = None, *, budget_units: 
         classifier: name of the layer trained in full; "auto" = the last
             nn.Linear; None = no classifier.
         backward_bits: None (exact, the default), or 8 / 4 / 2: SiLU, GELU and
-            Hardswish keep a stochastically rounded k-bit code of their derivative
-            (unbiased gradients; see :mod:`trady_triton.compressed`).
+            Hardswish keep a k-bit code of their derivative, LayerNorm and attention
+            their inputs as k-bit integers, squeeze-excitation gates and the compact
+            copies of the selected channels theirs in 2k bits (at most 8); see
+            :mod:`trady_triton.compressed`.
     """
     check_backward_bits(backward_bits)
     chosen = get_policy(policy)

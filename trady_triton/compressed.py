@@ -9,18 +9,20 @@ With ``convert(..., backward_bits=k)`` (k in 8, 4, 2):
   element the index of its nearest level. Deterministic: measured on EfficientNet-B0
   it gives far better per-layer gradient cosines than the first slice's stochastic
   rounding between evenly spaced levels (bench/RESULTS.md).
-* A squeeze-excitation's ``x`` (kept for the gate's gradient), LayerNorm's input and an
-  attention core's packed ``qkv`` keep k-bit integers with a (minimum, step) per
-  group (:func:`codes.quantize_groups`): per (sample, channel) for the gate's x, per
-  row for LayerNorm, per (token, q/k/v, head) for qkv; LayerNorm's mean and 1/std stay exact.
+* LayerNorm's input and an attention core's packed ``qkv`` keep k-bit integers with a
+  (minimum, step) per group (:func:`codes.quantize_groups`): per row for LayerNorm
+  (its mean and 1/std stay exact), per (token, q/k/v, head) for qkv.
+* A squeeze-excitation's ``x`` (kept for the gate's gradient; per (sample, channel)
+  scales) and the compact copies of the selected channels that trained conv / linear
+  layers keep (per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
+  The classifier's input stays exact.
 
-Everything else (masks, window codes, the compact copies of the selected channels)
-stays as in exact mode. ``None`` (the default) is exact mode.
+Codes round to the nearest level: deterministic, not unbiased (measured: far closer to
+exact than unbiased stochastic rounding). Masks and window codes are as in exact mode.
+``None`` (the default) is exact mode.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -57,7 +59,7 @@ class DerivativeCodes(Function):
         return grad_y * slope, None, None, None, None
 
 
-def gate_input_bits(bits: int) -> int:
+def summed_input_bits(bits: int) -> int:
     """Bits of a tensor entering a sum over positions (a squeeze-excitation's x, a compact
     copy) in mode ``bits``: twice as many, at most 8.
 
@@ -109,7 +111,7 @@ def set_backward_bits(model, bits: int | None, classifier: str | None = None) ->
             module.backward_bits = None if id(module) in inside_se else bits
         elif isinstance(module, (TraDyConv2d, TraDyLinear)):
             module.compact_bits = None if bits is None or name == classifier \
-                else gate_input_bits(bits)
+                else summed_input_bits(bits)
 
 
 def backward_bits_of(model) -> int | None:

@@ -18,7 +18,7 @@ from . import activations as A
 from . import hf
 from . import pooling as P
 from . import transformer as X
-from .compressed import gate_input_bits
+from .compressed import summed_input_bits
 from .cost import GateCost, KeptCost, LayerCost, MaskCost, RecomputeCost, element_bytes
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -229,7 +229,7 @@ def _gate_cost(order, name, module, x, records, starts) -> GateCost:
                     starts[name], order, source,
                     isinstance(module.scale_activation, _KEEP_OUTPUT),
                     None if keeps_input or module.backward_bits is None
-                    else gate_input_bits(module.backward_bits))
+                    else summed_input_bits(module.backward_bits))
 
 
 def _consumers(records, tensor, after: int) -> list:

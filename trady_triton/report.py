@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from . import cost as C
 from .tables import mib, text_table
-from .compressed import backward_bits_of, gate_input_bits
+from .compressed import backward_bits_of, summed_input_bits
 
 
 def _mib(nbytes: float) -> str:
@@ -52,8 +52,8 @@ def format_report(controller, batch: int, measured_bytes: int | None = None) -> 
     lines.append("backward: exact" if bits is None else
                  f"backward: compressed, SiLU/GELU/Hardswish keep {bits}-bit derivative codes "
                  f"(levels fitted per tensor); LayerNorm inputs and attention qkv {bits}-bit, "
-                 f"squeeze-excitation x {gate_input_bits(bits)}-bit integers with per-group "
-                 "scales; masks, window codes and compact copies as in exact mode")
+                 f"squeeze-excitation x and compact copies {summed_input_bits(bits)}-bit integers "
+                 "with per-group scales; the classifier's input, masks and window codes exact")
     if isinstance(measured_bytes, dict):
         lines += _per_module_lines(controller, batch, measured_bytes)
     elif measured_bytes is not None:
@@ -93,7 +93,7 @@ def kept_as(module) -> str:
         return "full precision input" if bits is None else f"{bits}-bit derivative codes"
     if isinstance(module, A.TraDySqueezeExcitation):
         return "gate; x full precision or recomputed" if bits is None else \
-            f"gate; x {gate_input_bits(bits)}-bit, scale per channel (or recomputed)"
+            f"gate; x {summed_input_bits(bits)}-bit, scale per channel (or recomputed)"
     if isinstance(module, X.TraDyLayerNorm):
         return "input, mean, 1/std" if bits is None else \
             f"input {bits}-bit, scale per row; mean, 1/std"
@@ -108,5 +108,7 @@ def kept_as(module) -> str:
     if isinstance(module, P.TraDyMaxPool2d):
         return f"{module.code_bits}-bit window codes"
     if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-        return "compact copy, full precision"
+        compact_bits = getattr(module, "compact_bits", None)
+        return "compact copy, full precision" if compact_bits is None else \
+            f"compact copy {compact_bits}-bit, scale per channel"
     return "as PyTorch"
