@@ -52,9 +52,9 @@ def _requirements():
     require_file(FASHION_MNIST_DIR, "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 
 
-def test_there_are_four_notebooks():
-    assert _names() == ["gradient_approximation", "heavy_tails", "layer_ranking",
-                        "memory_tradeoff"]
+def test_there_are_five_notebooks():
+    assert _names() == ["compressed_mode", "gradient_approximation", "heavy_tails",
+                        "layer_ranking", "memory_tradeoff"]
 
 
 def _execution_params():

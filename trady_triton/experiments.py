@@ -6,6 +6,7 @@
         --json docs/results/summary.json
     trady-experiments tune-lr --models mcunet-in1 efficientnet-lite0 \\
         --data digits fashion-mnist --out runs/lr-search --json docs/results/lr_search.json
+    trady-experiments compressed --out runs/compressed      # compressed_experiment.py
 
 Each run is one :func:`trady_triton.train.finetune` in this process, writing
 ``OUT/MODEL/DATA/POLICY_BUDGET_sSEED/record.json`` (one JSON per run). A run whose record
@@ -619,6 +620,9 @@ def _summarize(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compressed"]:      # its own options: compressed_experiment.build_parser
+        from .compressed_experiment import main as compressed_main
+        return compressed_main(argv[1:])
     args = build_parser().parse_args(argv)
     command = f"{PROG} " + shlex.join(argv)
     if args.command == "summarize":

