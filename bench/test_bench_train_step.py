@@ -392,6 +392,7 @@ def test_results_md_has_the_sections_the_scripts_fill():
         assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text
 
 
+@pytest.mark.slow   # two bench runs with a wall-clock budget: ~30 s quiet, flaky under heavy load
 def test_run_gpu_script_survives_a_crash_and_a_hang(tmp_path):
     """A hard crash in one case: the worker restarts and skips it. A hang: the global time
     guard kills the worker and the results written so far are kept."""
@@ -424,6 +425,7 @@ def test_run_gpu_script_survives_a_crash_and_a_hang(tmp_path):
     assert "### Machine" in proc.stdout
 
 
+@pytest.mark.slow   # ~15 s; the bisection itself is tested above
 def test_max_batch_search_glue_with_a_simulated_memory_cap(monkeypatch):
     """run_bench.run_max_batch end to end on CPU, the CUDA calls replaced by stand-ins
     and an allocator that fails above batch 37."""
@@ -495,6 +497,7 @@ def test_kernel_static_stats_script_reports_registers_and_instructions():
     assert sass > 0 and calls >= 0 and 0 < registers <= 255
 
 
+@pytest.mark.slow   # ~15 s of timing loops
 def test_launcher_overhead_script_times_three_launchers():
     proc = subprocess.run([sys.executable, str(BENCH / "launcher_overhead.py")],
                           capture_output=True, text=True, timeout=300, env=_env())
@@ -505,6 +508,7 @@ def test_launcher_overhead_script_times_three_launchers():
     assert all(float(r[1]) > 0 for r in rows)
 
 
+@pytest.mark.slow   # ~50 s: a kernel-test run then a bench run; its argument glue is tested below
 def test_gpu_session_script_runs_tests_then_bench(tmp_path):
     """The one-call GPU session (tests, then the bench, in a time budget), dry on CPU."""
     out = tmp_path / "session"
