@@ -225,7 +225,8 @@ def check_exact_conversion(net, x, keep_ratio=0.02, seed=0):
 def swapped_and_plain(module, x0, *args):
     """Run a swapped copy of ``module`` (in a Sequential) and ``module`` itself on ``x0``.
 
-    Outputs must be bit-equal. Backpropagates one random gradient through both and
+    Outputs must agree to float rounding (a few ulps: on CPU a 1x1 conv runs as one GEMM,
+    whose summation order differs from oneDNN's convolution). Backpropagates one random gradient through both and
     returns ``(grad, grad_plain, saved_bytes, output, swapped)``: the input gradients,
     the bytes the swapped copy kept (parameters excluded), its output, and the Sequential.
     """
@@ -240,7 +241,8 @@ def swapped_and_plain(module, x0, *args):
     with tt.saved_tensor_bytes(swapped) as saved:
         y = swapped[0](a * 1.0, *args)     # a non-leaf input, so in-place modules may run
     y_plain = module(b * 1.0, *args)
-    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    ulps = 4 * torch.finfo(y.dtype).eps
+    torch.testing.assert_close(y, y_plain, rtol=ulps, atol=ulps)
     dy = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7))
     y.backward(dy)
     y_plain.backward(dy)

@@ -322,8 +322,9 @@ def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tenso
         return reference.conv2d_weight_grad_masked(x_compact, grad_output, idx, weight_shape,
                                                    stride, padding, dilation, groups)
     n, c_out, h, w = grad_output.shape
-    partial = torch.matmul(grad_output.view(n, c_out, h * w),
-                           x_compact.view(n, -1, h * w).transpose(1, 2)).sum(dim=0)
+    # the channel count spelled out: an empty batch cannot infer it from -1
+    x_planes = x_compact.view(n, x_compact.shape[1], h * w)
+    partial = torch.matmul(grad_output.view(n, c_out, h * w), x_planes.transpose(1, 2)).sum(dim=0)
     grad_weight = grad_output.new_zeros(weight_shape)
     grad_weight[:, idx.long(), 0, 0] = partial
     return grad_weight
