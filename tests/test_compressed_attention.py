@@ -90,20 +90,24 @@ def _qkv(seed=0):
             for _ in range(3)]
 
 
-def test_hf_core_keeps_qkv_codes_and_is_close_to_float64_exact():
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_hf_core_keeps_qkv_codes_and_is_close_to_float64_exact(p):
     q, k, v = _qkv()
     grad = torch.randn(2, 3, 9, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(7)   # the same dropout keep mask for both calls
     with tt.saved_tensor_bytes(None) as saved:
-        out = exact_attention(q, k, v, None, 10 ** -0.5, 0.0, 4)
+        out = exact_attention(q, k, v, None, 10 ** -0.5, p, 4)
     reference = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    expected = exact_attention(*reference, None, 10 ** -0.5, 0.0)
+    torch.manual_seed(7)
+    expected = exact_attention(*reference, None, 10 ** -0.5, p)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)   # the forward is exact
     out.backward(grad)
     expected.backward(grad)
     for got, want in zip((q, k, v), reference):
         assert _cosine(got.grad, want.grad) >= 0.99
     rows = 2 * 3 * 9   # a (minimum, step) per (sample, head, token) of each tensor
-    assert saved.total == 3 * (math.ceil(rows * 10 * 4 / 8) + rows * 2 * 8)
+    dropout_mask = math.ceil(rows * 9 / 8) if p else 0   # 1 bit per probability
+    assert saved.total == 3 * (math.ceil(rows * 10 * 4 / 8) + rows * 2 * 8) + dropout_mask
 
 
 @pytest.fixture
