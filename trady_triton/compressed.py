@@ -9,12 +9,13 @@ With ``convert(..., backward_bits=k)`` (k in 8, 4, 2):
   element the index of its nearest level. Deterministic: measured on EfficientNet-B0
   it gives far better per-layer gradient cosines than the first slice's stochastic
   rounding between evenly spaced levels (bench/RESULTS.md).
-* LayerNorm's input and an attention core's packed ``qkv`` keep k-bit integers with a
-  (minimum, step) per group (:func:`codes.quantize_groups`): per row for LayerNorm
-  (its mean and 1/std stay exact), per (token, q/k/v, head) for qkv.
+* LayerNorm's input and an attention core's packed ``qkv`` (ours, a converted
+  nn.MultiheadAttention's) or q, k, v (a Hugging Face self-attention's) keep k-bit
+  integers with a (minimum, step) per group (:func:`codes.quantize_groups`): per row for
+  LayerNorm (its mean and 1/std stay exact), per (token, q/k/v, head) for attention.
 * A squeeze-excitation's ``x`` (kept for the gate's gradient; per (sample, channel)
   scales) and the compact copies of the selected channels that trained conv / linear
-  layers keep (per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
+  layers keep (Conv2d, Conv1d, Linear, a MultiheadAttention's input projection) (per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
   The classifier's input stays exact.
 
 Codes round to the nearest level: deterministic, not unbiased (measured: far closer to
@@ -100,16 +101,20 @@ def set_backward_bits(model, bits: int | None, classifier: str | None = None) ->
     The ``classifier`` (trained in full, on a small input) keeps its input exact.
     """
     from .activations import TraDySqueezeExcitation, _SavedInputModule
+    from .conv1d import TraDyConv1d
+    from .hf_modules import ExactSelfAttention
     from .layers import TraDyConv2d, TraDyLinear
-    from .transformer import TraDyAttention, TraDyLayerNorm
+    from .transformer import TraDyAttention, TraDyLayerNorm, TraDyMultiheadAttention
 
     check_backward_bits(bits)
     inside_se = {id(m.activation) for m in model.modules() if isinstance(m, TraDySqueezeExcitation)}
-    compressible = (_SavedInputModule, TraDySqueezeExcitation, TraDyAttention, TraDyLayerNorm)
+    compressible = (_SavedInputModule, TraDySqueezeExcitation, TraDyAttention, TraDyLayerNorm,
+                    TraDyMultiheadAttention, ExactSelfAttention)
+    with_compact_copy = (TraDyConv2d, TraDyConv1d, TraDyLinear, TraDyMultiheadAttention)
     for name, module in model.named_modules():
         if isinstance(module, compressible):
             module.backward_bits = None if id(module) in inside_se else bits
-        elif isinstance(module, (TraDyConv2d, TraDyLinear)):
+        if isinstance(module, with_compact_copy):   # an MHA is both: qkv and in_proj's copy
             module.compact_bits = None if bits is None or name == classifier \
                 else summed_input_bits(bits)
 

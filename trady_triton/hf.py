@@ -137,15 +137,23 @@ def kept_costs(order, name, module, x, records) -> list | None:
 
 def _attention_costs(name, module, x, records) -> list:
     """q, k, v (kept when any of them needs a gradient: the core runs after the three
-    projections) and, with attention dropout, its keep mask in 1 bit."""
+    projections; compressed: codes + a (minimum, step) per token and head, one entry per
+    tensor as each is packed on its own) and, with attention dropout, its keep mask in 1 bit."""
     projections = [_record(records, f"{name}.{n}") for n in module._names[:3]]
     order = max(r[0] for r in projections) + 0.5
-    bits = 8 * element_bytes(x.dtype)
-    costs = [KeptCost(name, sum(math.prod(r[4].shape[1:]) for r in projections), bits, order)]
+    size = element_bytes(x.dtype)
+    head_size = getattr(module, module._names[4])
+    if module.backward_bits is None:
+        costs = [KeptCost(name, sum(math.prod(r[4].shape[1:]) for r in projections), 8 * size,
+                          order)]
+    else:
+        costs = [KeptCost(name, math.prod(r[4].shape[1:]), module.backward_bits, order,
+                          extra_bytes_per_sample=2 * math.prod(r[4].shape[1:]) // head_size * size)
+                 for r in projections]
     p = module._dropout_p()
     if 0.0 < p:   # costed as in training (in eval the core keeps no mask), as Dropout
         tokens = x.shape[-2]
-        heads = projections[0][4].shape[-1] // getattr(module, module._names[4])
+        heads = projections[0][4].shape[-1] // head_size
         costs.append(KeptCost(name, heads * tokens * tokens, 1, order))
     return costs
 

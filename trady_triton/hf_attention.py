@@ -6,6 +6,11 @@ probabilities (eager) or q, k, v, the output and the log-sum-exp (sdpa). The
 on in training, its keep mask in 1 bit per element) and its backward recomputes the
 probabilities from q and k with the same ops, so the gradient is PyTorch's.
 
+In compressed mode (``bits``, from the module's ``backward_bits``) q, k and v are kept as
+``bits``-bit integers with a (minimum, step) per (token, head), as our own attention core
+keeps its qkv (:func:`~trady_triton.compressed.compress`), and backward recomputes from
+the decoded q, k, v.
+
 Masks are HF's own 4-d masks: boolean (True = attends, what ``sdpa`` gets) or additive
 floats (what ``eager`` gets); ``None`` when every token attends.
 """
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from .compressed import compress, restore
 from .first_order import first_order_only
 from .reference import pack_mask, unpack_mask
 
@@ -54,37 +60,55 @@ def _keep_mask(q: Tensor, k: Tensor, p: float) -> Tensor | None:
     return torch.empty(shape, dtype=torch.bool, device=q.device).bernoulli_(1.0 - p)
 
 
+def _kept_qkv(q: Tensor, k: Tensor, v: Tensor, bits: int | None) -> tuple:
+    """What the core saves for q, k, v: themselves, or (codes, scales) per tensor."""
+    if bits is None:
+        return q, k, v
+    return tuple(part for t in (q, k, v) for part in compress(t, bits, t.shape[-1]))
+
+
+def _restored_qkv(saved, bits: int | None, shapes, dtype) -> list:
+    if bits is None:
+        return list(saved)
+    return [restore(saved[2 * i], saved[2 * i + 1].to(dtype), bits, shapes[i]) for i in range(3)]
+
+
 class ExactAttention(Function):
-    """Attention on ``[N, heads, T, D]`` q, k, v keeping q, k, v (and a 1-bit dropout mask)."""
+    """Attention on ``[N, heads, T, D]`` q, k, v keeping q, k, v (and a 1-bit dropout mask);
+    with ``bits``, q, k, v as codes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scaling, p):
+    def forward(ctx, q, k, v, mask, scaling, p, bits=None):
         keep = _keep_mask(q, k, p)
-        ctx.mask, ctx.scaling, ctx.p = mask, scaling, p
+        ctx.mask, ctx.scaling, ctx.p, ctx.bits = mask, scaling, p, bits
+        ctx.shapes = (q.shape, k.shape, v.shape)
         ctx.keep_shape = None if keep is None else keep.shape
         packed = () if keep is None else (pack_mask(keep),)
-        ctx.save_for_backward(q, k, v, *packed)
+        ctx.save_for_backward(*_kept_qkv(q, k, v, bits), *packed)
         return _attention(q, k, v, mask, scaling, keep, p)
 
     @staticmethod
     @first_order_only("TraDy HF self-attention")
     def backward(ctx, grad_o):
-        q, k, v, *packed = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        kept = 3 if ctx.bits is None else 6
+        q, k, v = _restored_qkv(saved[:kept], ctx.bits, ctx.shapes, grad_o.dtype)
         keep = None
-        if packed:
+        if len(saved) > kept:
             numel = torch.Size(ctx.keep_shape).numel()
-            keep = unpack_mask(packed[0], numel).reshape(ctx.keep_shape).to(q.device)
+            keep = unpack_mask(saved[kept], numel).reshape(ctx.keep_shape).to(q.device)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
             out = _attention(*leaves, ctx.mask, ctx.scaling, keep, ctx.p)
             grads = torch.autograd.grad(out, leaves, grad_o)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
-                    p: float) -> Tensor:
+                    p: float, bits: int | None = None) -> Tensor:
     """``[N, heads, T, D]`` attention output; through :class:`ExactAttention` when a
-    gradient is needed, else the same computation with nothing kept."""
+    gradient is needed (``bits``: compressed mode), else the same computation with
+    nothing kept."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return ExactAttention.apply(q, k, v, mask, scaling, p)
+        return ExactAttention.apply(q, k, v, mask, scaling, p, bits)
     return _attention(q, k, v, mask, scaling, _keep_mask(q, k, p), p)

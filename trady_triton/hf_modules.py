@@ -2,7 +2,8 @@
 
 * Self-attention (BERT's ``BertSelfAttention``, ViT's ``ViTAttention``): q, k, v from
   the projections (converted like any Linear: frozen keeps nothing, selected its compact
-  input), then :func:`~trady_triton.hf_attention.exact_attention`, which keeps q, k, v.
+  input), then :func:`~trady_triton.hf_attention.exact_attention`, which keeps q, k, v
+  (in compressed mode, ``backward_bits`` set, as k-bit codes).
   Calls the adapter cannot serve exactly run HF's own forward and are then listed as not
   converted (``took_converted_path``): attention weights requested
   (``output_attentions``), a KV cache, causal (decoder) attention, an attention
@@ -39,6 +40,7 @@ class ExactSelfAttention:
 
     # (query, key, value, output projection or None, head size, dropout) attribute names
     _names: tuple[str, str, str, str | None, str]
+    backward_bits: int | None = None   # set by convert(): compressed mode
 
     def _trady_setup(self) -> None:
         self.took_converted_path = False
@@ -58,7 +60,7 @@ class ExactSelfAttention:
         q, k, v = (getattr(self, n)(hidden_states).view(hidden_shape).transpose(1, 2)
                    for n in (q_name, k_name, v_name))
         p = self._dropout_p() if self.training else 0.0
-        o = exact_attention(q, k, v, attention_mask, self.scaling, p)
+        o = exact_attention(q, k, v, attention_mask, self.scaling, p, self.backward_bits)
         o = o.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return (o if out_name is None else getattr(self, out_name)(o)), None
 

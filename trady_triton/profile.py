@@ -121,7 +121,7 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
             layers.append(LayerCost(name, "conv", module.in_channels, module.out_channels,
                                     module.groups, (1, module.kernel_size[0]), tuple(x.shape[-1:]),
                                     tuple(y.shape[-1:]), element_bytes(x.dtype), order,
-                                    name == classifier))
+                                    name == classifier, getattr(module, "compact_bits", None)))
         elif isinstance(module, nn.Linear) and x is not None:
             layers.append(LayerCost(name, "linear", module.in_features, module.out_features, 1,
                                     (1, 1), _spatial(x.shape, "linear"), _spatial(y.shape, "linear"),
@@ -152,12 +152,18 @@ def profile_model(model: nn.Module, example_input, classifier: str | None = "aut
 def _multihead_costs(name, module, x, start) -> tuple[LayerCost, KeptCost]:
     """A converted MultiheadAttention: its input projection (a layer under the module's
     name, run first: order just before the entry position) and the core keeping the
-    packed qkv (just after it; out_proj, a Linear of its own, runs later)."""
+    packed qkv (just after it; out_proj, a Linear of its own, runs later); in compressed
+    mode the compact copy's and qkv's codes, as our own attention's."""
     tokens = x.shape[1 if module.batch_first else 0]
-    dim = module.embed_dim
+    dim, size = module.embed_dim, element_bytes(x.dtype)
     in_proj = LayerCost(name, "linear", dim, 3 * dim, 1, (1, 1), (tokens,), (tokens,),
-                        element_bytes(x.dtype), start - 0.5, False)
-    return in_proj, KeptCost(name, 3 * dim * tokens, 8 * element_bytes(x.dtype), start - 0.25)
+                        size, start - 0.5, False, module.compact_bits)
+    per_sample = 3 * dim * tokens
+    if module.backward_bits is None:
+        return in_proj, KeptCost(name, per_sample, 8 * size, start - 0.25)
+    groups = per_sample // (dim // module.num_heads)   # a (minimum, step) per token, q/k/v, head
+    return in_proj, KeptCost(name, per_sample, module.backward_bits, start - 0.25,
+                             extra_bytes_per_sample=2 * groups * size)
 
 
 _NEW_KINDS = (A.TraDyHardsigmoid, A.TraDyDropout, P.TraDyMaxPool2d, X.TraDyLayerNorm,

@@ -85,6 +85,7 @@ def _per_module_lines(controller, batch: int, measured: dict[str, int]) -> list[
 def kept_as(module) -> str:
     """How ``module`` keeps what it keeps for backward: the bits column of the report."""
     from . import activations as A
+    from . import hf_modules as H
     from . import pooling as P
     from . import transformer as X
 
@@ -100,7 +101,10 @@ def kept_as(module) -> str:
     if isinstance(module, X.TraDyAttention):
         return "qkv full precision" if bits is None else f"qkv {bits}-bit, scale per head"
     if isinstance(module, X.TraDyMultiheadAttention) and module.took_converted_path:
-        return "qkv full precision"
+        return "qkv full precision; in_proj compact copy full precision" if bits is None else \
+            f"qkv {bits}-bit, scale per head; in_proj compact copy {module.compact_bits}-bit"
+    if isinstance(module, H.ExactSelfAttention) and module.took_converted_path:
+        return "q, k, v full precision" if bits is None else f"q, k, v {bits}-bit, scale per head"
     if isinstance(module, A._SavedOutputModule):
         return "output, full precision"
     if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardsigmoid, nn.Dropout, nn.BatchNorm2d)):

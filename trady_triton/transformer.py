@@ -176,8 +176,14 @@ class TraDyMultiheadAttention(nn.MultiheadAttention):
     ``add_zero_attn``, no attention dropout in training, and boolean or absent masks; any
     other call is PyTorch's own (and is then listed as not converted, its projections
     left out of the pool). ``took_converted_path`` tells which one the last call took
-    (the profile reads it).
+    (the profile reads it). In compressed mode (set by
+    :func:`~trady_triton.compressed.set_backward_bits`) the core keeps qkv in
+    ``backward_bits`` bits and the input projection its compact copy in ``compact_bits``,
+    as :class:`TraDyAttention` and a TraDyLinear do.
     """
+
+    backward_bits: int | None = None   # compressed mode: bits of the core's qkv
+    compact_bits: int | None = None    # compressed mode: bits of in_proj's compact copy
 
     def _trady_setup(self) -> None:
         self.took_converted_path = False
@@ -205,7 +211,7 @@ class TraDyMultiheadAttention(nn.MultiheadAttention):
             return F.linear(x, self.in_proj_weight, self.in_proj_bias)
         if self.in_proj_weight.requires_grad:
             return SelectedLinear.apply(x, self.in_proj_weight, self.in_proj_bias,
-                                        self.selected_channels, None)
+                                        self.selected_channels, None, self.compact_bits)
         return FrozenLinear.apply(x, self.in_proj_weight, self.in_proj_bias)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -218,7 +224,8 @@ class TraDyMultiheadAttention(nn.MultiheadAttention):
         x = query if self.batch_first else query.transpose(0, 1)
         qkv = self._in_projection(x)
         mask = _sdpa_mask(key_padding_mask, attn_mask)
-        o = AttentionCore.apply(qkv, self.num_heads, mask) if _grad_needed(qkv) \
+        o = AttentionCore.apply(qkv, self.num_heads, mask, self.backward_bits) \
+            if _grad_needed(qkv) \
             else attention_core(qkv, self.num_heads, mask)
         out = self.out_proj(o)
         return (out if self.batch_first else out.transpose(0, 1)), None
