@@ -61,6 +61,7 @@ class TraDyController:
         self._shape_hook = None
         self._optimizer_masks: list = []
         self._profiling = False
+        self._fold_bn = True   # frozen BN folded into the frozen conv feeding it (set_bn_folding)
         model.__dict__["_trady_controller"] = self   # lets revert(model) find the controller
         self._freeze_all()
 
@@ -164,7 +165,7 @@ class TraDyController:
         bench/RESULTS.md has the measurement."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
-        self.__dict__["_fold_bn"] = enabled
+        self._fold_bn = enabled
         self._wire_fusions()
 
     def _wire_fusions(self) -> None:
@@ -173,8 +174,7 @@ class TraDyController:
                 module._fuse_with = None
             if hasattr(module, "_fold_into"):
                 module._fold_into = None
-        for conv_name, bn_name in (self.profile.conv_bn_folds if self.__dict__.get("_fold_bn", True)
-                                   else []):
+        for conv_name, bn_name in (self.profile.conv_bn_folds if self._fold_bn else []):
             if conv_name in self.modules and bn_name in self.modules:
                 self.modules[conv_name]._fold_into = (self.modules[bn_name],)
         for bn_name, act_name, consumer_name in self.profile.fusions:
