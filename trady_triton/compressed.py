@@ -15,7 +15,8 @@ With ``convert(..., backward_bits=k)`` (k in 8, 4, 2):
   LayerNorm (its mean and 1/std stay exact), per (token, q/k/v, head) for attention.
 * A squeeze-excitation's ``x`` (kept for the gate's gradient; per (sample, channel)
   scales) and the compact copies of the selected channels that trained conv / linear
-  layers keep (Conv2d, Conv1d, Linear, a MultiheadAttention's input projection) (per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
+  layers keep (Conv2d, Conv1d, Linear, a MultiheadAttention's input projection;
+  per-channel scales) use ``2k`` bits, at most 8 (:func:`summed_input_bits`).
   The classifier's input stays exact.
 
 Codes round to the nearest level: deterministic, not unbiased (measured: far closer to

@@ -246,8 +246,8 @@ def pointwise_gemm(enabled: bool):
 
 def _pointwise_geometry(kernel_size, stride, padding, groups) -> bool:
     """A plain 1x1 conv: stride 1, no padding, one group."""
-    return _POINTWISE_GEMM[0] and (tuple(kernel_size) == (1, 1) and groups == 1 and tuple(stride) == (1, 1)
-            and padding in ((0, 0), [0, 0], "valid"))
+    return (_POINTWISE_GEMM[0] and tuple(kernel_size) == (1, 1) and groups == 1
+            and tuple(stride) == (1, 1) and padding in ((0, 0), [0, 0], "valid"))
 
 
 def _gemm_ready(*tensors: Tensor) -> bool:
