@@ -9,13 +9,22 @@ shapes (128x128, batch 32), interleaved; medians in ms, summed over the shapes.
 (and, for dX, the forward conv with the transposed weight). Depthwise 3x3 dX: ATen's
 backward-data against the forward conv of dY with the flipped kernel (stride 1) and
 ``conv_transpose2d`` (stride 1 and 2). Every candidate is checked against ATen first.
+
+    python bench/cpu_conv_candidates.py --depthwise   # per shape: ATen against numba
+
+``--depthwise``: per depthwise shape of MobileNetV2-w0.35 (batch 32, 128x128), MCUNet-in1
+(batch 32, 128x128) and EfficientNet-Lite0 (batch 8, 224x224), forward and dX, the CPU
+path's ATen call (forward: oneDNN's conv; dX: the flipped-kernel forward at stride 1,
+``convolution_backward`` at stride 2) against ``trady_triton.cpu_depthwise``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 POINTWISE = [(8, 48, 64), (48, 8, 32), (8, 48, 32), (16, 96, 16), (96, 16, 16), (24, 144, 8),
              (144, 24, 8), (16, 8, 64), (48, 8, 64), (336, 56, 4), (56, 336, 4)]  # c_in, c_out, hw
@@ -65,6 +74,53 @@ def depthwise_cases(batch):
         yield f"depthwise dX, stride {stride}", x, cands
 
 
+# (net, batch, channels, plane side, kernel, stride): every depthwise conv of the three nets
+DEPTHWISE_NETS = [
+    ("mbv2", 32, 16, 64, 3, 1), ("mbv2", 32, 48, 64, 3, 2), ("mbv2", 32, 48, 32, 3, 1),
+    ("mbv2", 32, 48, 32, 3, 2), ("mbv2", 32, 96, 16, 3, 1), ("mbv2", 32, 96, 16, 3, 2),
+    ("mbv2", 32, 144, 8, 3, 1), ("mbv2", 32, 192, 8, 3, 1), ("mbv2", 32, 192, 8, 3, 2),
+    ("mbv2", 32, 336, 4, 3, 1),
+    ("mcunet", 32, 16, 64, 3, 1), ("mcunet", 32, 32, 64, 3, 2), ("mcunet", 32, 48, 32, 7, 2),
+    ("mcunet", 32, 120, 16, 3, 1), ("mcunet", 32, 120, 16, 3, 2), ("mcunet", 32, 160, 8, 5, 1),
+    ("mcunet", 32, 160, 8, 7, 1), ("mcunet", 32, 240, 8, 7, 2), ("mcunet", 32, 384, 4, 5, 1),
+    ("mcunet", 32, 576, 4, 3, 1),
+    ("lite0", 8, 32, 112, 3, 1), ("lite0", 8, 96, 112, 3, 2), ("lite0", 8, 144, 56, 3, 1),
+    ("lite0", 8, 144, 56, 5, 2), ("lite0", 8, 240, 28, 3, 2), ("lite0", 8, 240, 28, 5, 1),
+    ("lite0", 8, 480, 14, 3, 1), ("lite0", 8, 480, 14, 5, 1), ("lite0", 8, 672, 14, 5, 1),
+    ("lite0", 8, 672, 14, 5, 2), ("lite0", 8, 1152, 7, 3, 1), ("lite0", 8, 1152, 7, 5, 1),
+]
+
+
+def numba_depthwise_cases():
+    import torch
+    import torch.nn.functional as F
+    from trady_triton import cpu_depthwise
+    for net, batch, c, hw, k, stride in DEPTHWISE_NETS:
+        p = k // 2
+        x = torch.randn(batch, c, hw, hw)
+        w = torch.randn(c, 1, k, k)
+        gy = torch.randn_like(F.conv2d(x, w, None, stride, p, 1, c))
+        y_out, x_out = torch.empty_like(gy), torch.empty_like(x)
+        label = f"{net} [{batch},{c},{hw},{hw}] {k}x{k} s{stride}"
+        yield label, "forward", {
+            "ATen": lambda: F.conv2d(x, w, None, stride, p, 1, c),
+            "numba": lambda: cpu_depthwise.forward(x, w, None, stride, p, y_out)}
+        aten_dx = ((lambda: F.conv2d(gy, w.flip(2, 3), None, 1, p, 1, c)) if stride == 1
+                   else (lambda: _aten_dx(gy, w, x.shape, stride, p, c)))
+        yield label, "dX", {
+            "ATen": aten_dx,
+            "numba": lambda: cpu_depthwise.input_grad(x.shape, w, gy, stride, p, x_out)}
+
+
+def print_depthwise(reps: int, threads: int) -> None:
+    print(f"| depthwise conv ({threads} thread(s)) | op | ATen ms | numba ms | numba / ATen |")
+    print("|---|---|---|---|---|")
+    for label, op, cands in numba_depthwise_cases():
+        ms = time_group(cands, reps)
+        print(f"| {label} | {op} | {ms['ATen']:.2f} | {ms['numba']:.2f} | "
+              f"{ms['numba'] / ms['ATen']:.2f} |", flush=True)
+
+
 def time_group(cands: dict, reps: int) -> dict:
     import torch
     reference = next(iter(cands.values()))()
@@ -84,9 +140,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--depthwise", action="store_true",
+                   help="per depthwise shape of MbV2 / MCUNet / Lite0: ATen against numba")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    if args.depthwise:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _bench_env import ensure_repo_on_path
+        ensure_repo_on_path()
+        print_depthwise(args.reps, args.threads)
+        return 0
     totals: dict = {}
     for cases in (pointwise_cases(args.batch), depthwise_cases(args.batch)):
         for kind, _, cands in cases:

@@ -17,7 +17,9 @@ do not serve (half precision, non-contiguous tensors, no numba) go to ``referenc
 Pointwise (1x1, stride 1, no padding, one group) convolutions, the bulk of a MobileNet's
 FLOPs, run here as one batched GEMM (``W @ x[n]``) in forward, dX and the masked dW:
 on this CPU that is about 2x faster than oneDNN's convolution for these shapes
-(bench/RESULTS.md, issue 11). Other convolutions are ATen's.
+(bench/RESULTS.md, issue 11). Depthwise convolutions (forward and dX) run by the loops
+of ``cpu_depthwise.py`` or by ATen, whichever was faster when first timed for the shape.
+Other convolutions are ATen's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import cpu_depthwise, reference
 # the ops with no faster CPU loop here are the reference's own
 from .reference import linear_weight_grad_masked, pack_mask, unpack_mask  # noqa: F401
 
@@ -234,7 +236,8 @@ _POINTWISE_GEMM = [True]   # switched off only by benches comparing with oneDNN'
 
 @contextlib.contextmanager
 def pointwise_gemm(enabled: bool):
-    """Within the block, 1x1 convs run as a GEMM (``True``, the default) or as ATen's conv."""
+    """Within the block, 1x1 convs run as a GEMM and depthwise convs by the faster of
+    ``cpu_depthwise`` and ATen (``True``, the default), or all as ATen's plain calls."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
     previous, _POINTWISE_GEMM[0] = _POINTWISE_GEMM[0], enabled
@@ -283,9 +286,22 @@ def _gemm_into(out: Tensor, matrix: Tensor, x: Tensor) -> None:
     torch.matmul(matrix, x.view(n, x.shape[1], h * w), out=out.view(n, out.shape[1], h * w))
 
 
+def _depthwise_loops(x: Tensor, weight: Tensor, bias, stride, padding, dilation,
+                     groups: int) -> bool:
+    """Whether ``cpu_depthwise`` is a candidate for this conv (``x``: its input or dY)."""
+    return _POINTWISE_GEMM[0] and cpu_depthwise.serves(x, weight, bias, stride, padding,
+                                                       dilation, groups)
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
            groups: int) -> Tensor:
-    """``F.conv2d``; a 1x1 conv as ``W @ x[n]`` (one batched GEMM, bias added in place)."""
+    """``F.conv2d``; a 1x1 conv as ``W @ x[n]`` (one batched GEMM, bias added in place); a
+    depthwise conv by the faster of ``cpu_depthwise.forward`` and ATen for its shape."""
+    if _depthwise_loops(x, weight, bias, stride, padding, dilation, groups):
+        return cpu_depthwise.fastest(
+            "forward", x, weight, stride[0],
+            lambda: cpu_depthwise.forward(x, weight, bias, stride[0], padding[0]),
+            lambda: F.conv2d(x, weight, bias, stride, padding, dilation, groups))
     if not _pointwise(x, weight, stride, padding, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     n, c_in, h, w = x.shape
@@ -297,14 +313,36 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
     return y
 
 
+def _flipped_kernel_forward(weight: Tensor, grad_y: Tensor, padding, groups: int) -> Tensor:
+    """dX of a stride-1 depthwise conv as the forward conv of dY with the flipped kernel."""
+    return F.conv2d(grad_y, weight.flip(2, 3), None, 1,
+                    (weight.shape[2] - 1 - padding[0], weight.shape[3] - 1 - padding[1]),
+                    1, groups)
+
+
+def _aten_depthwise_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding,
+                               dilation, groups: int) -> Tensor:
+    """ATen's fastest depthwise dX: the flipped-kernel forward at stride 1, else
+    backward-data."""
+    if _depthwise_stride_1(grad_y, weight, stride, padding, dilation, groups):
+        return _flipped_kernel_forward(weight, grad_y, padding, groups)
+    return reference.conv2d_input_grad(x_shape, weight, grad_y, stride, padding, dilation,
+                                       groups)
+
+
 def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, dilation,
                       groups: int) -> Tensor:
-    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``, a
-    stride-1 depthwise conv's as the forward conv of dY with the flipped kernel."""
+    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``; a
+    depthwise conv's by the faster of ``cpu_depthwise.input_grad`` and ATen's own (at
+    stride 1 the forward conv of dY with the flipped kernel)."""
+    if _depthwise_loops(grad_y, weight, None, stride, padding, dilation, groups):
+        return cpu_depthwise.fastest(
+            "input_grad", grad_y, weight, stride[0],
+            lambda: cpu_depthwise.input_grad(x_shape, weight, grad_y, stride[0], padding[0]),
+            lambda: _aten_depthwise_input_grad(x_shape, weight, grad_y, stride, padding,
+                                               dilation, groups))
     if _depthwise_stride_1(grad_y, weight, stride, padding, dilation, groups):
-        return F.conv2d(grad_y, weight.flip(2, 3), None, 1,
-                        (weight.shape[2] - 1 - padding[0], weight.shape[3] - 1 - padding[1]),
-                        1, groups)
+        return _flipped_kernel_forward(weight, grad_y, padding, groups)
     if not _pointwise(grad_y, weight, stride, padding, groups):
         return reference.conv2d_input_grad(x_shape, weight, grad_y, stride, padding, dilation,
                                            groups)

@@ -1,0 +1,299 @@
+"""Depthwise convolutions on the CPU, one channel plane per task (numba).
+
+oneDNN runs a depthwise conv of MobileNet's large planes (e.g. [32, 48, 64, 64]) several
+times slower than a plain loop over each plane, and its stride-2 dX (ATen's
+backward-data) slower still (bench/RESULTS.md, issue 11). Here:
+
+* :func:`forward`: y = conv(x, W) + b, for one input channel per group (``groups ==
+  C_in == C_out``), a square odd kernel, stride 1 or 2, dilation 1, symmetric padding
+  below the kernel size;
+* :func:`input_grad`: dX of such a conv. Stride 1: the forward of dY with the flipped
+  kernel. Stride 2: each input row gathers from the (at most ceil(K/2)) output rows that
+  touch it, so no zero-inserted copy of dY is built.
+
+Each plane's loop accumulates one output row at a time, one kernel tap per pass over
+the row, all loads contiguous (the plane is first copied into a zero-padded buffer; at
+stride 2 its even and odd columns apart). :func:`serves` says whether a call is one of
+these.
+
+Which is faster, this loop or ATen's (oneDNN), depends on the shape in ways no simple
+rule captures (oneDNN's stride-2 dX takes 5 ns per element for 48 or 96 channels, 1.6 ns
+for 32; it wins planes of 16x16 and below): :func:`fastest` times both once per (op,
+shape, kernel, stride, dtype, thread count), at the first step that meets it, and keeps
+the winner. ``TRADY_CPU_DEPTHWISE`` pins it: ``timed`` (default), ``numba`` or ``aten``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .fastest import PathChooser
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:   # numba is a dependency; without it every conv here is ATen's
+    numba = None
+
+__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS"]
+
+_FLOATS = (torch.float32, torch.float64)
+PATHS = ("timed", "numba", "aten")
+
+
+def _pair(v) -> tuple | None:
+    return None if isinstance(v, str) else tuple(v)
+
+
+def serves(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+           groups: int) -> bool:
+    """Whether the loops here compute this conv (``x`` the input, or dY for dX): CPU,
+    float32/64 in one dtype, contiguous NCHW, multiplier-1 depthwise, square odd kernel,
+    stride (1, 1) or (2, 2), dilation 1, padding (p, p) with 0 <= p < kernel size."""
+    if numba is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    tensors = [x, weight] + ([] if bias is None else [bias])
+    if not (x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() == 4 and x.numel() > 0
+            and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous()
+                    for t in tensors)):
+        return False
+    k = weight.shape[-1]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return (weight.dim() == 4 and weight.shape[1] == 1 and groups == weight.shape[0]
+            == x.shape[1] and weight.shape[2] == k and k % 2 == 1
+            and stride in ((1, 1), (2, 2)) and dilation == (1, 1)
+            and padding is not None and padding[0] == padding[1] and 0 <= padding[0] < k)
+
+
+if numba is not None:
+    @njit(inline="always")
+    def _row_taps(acc, even, odd, kr, k, stride):
+        """acc[j] += sum_dj kr[dj] * row[j * stride + dj] of a zero-padded input row,
+        given as ``even`` (the row itself at stride 1; its even columns at stride 2) and
+        ``odd`` (its odd columns at stride 2): every load is contiguous. Kernels of 3 and
+        5 taps in one pass over ``acc``, others one pass per tap."""
+        n = acc.size
+        if stride == 1 and k == 3:
+            t0, t1, t2 = kr[0], kr[1], kr[2]
+            for j in range(n):
+                acc[j] += t0 * even[j] + t1 * even[j + 1] + t2 * even[j + 2]
+        elif stride == 1 and k == 5:
+            t0, t1, t2, t3, t4 = kr[0], kr[1], kr[2], kr[3], kr[4]
+            for j in range(n):
+                acc[j] += (t0 * even[j] + t1 * even[j + 1] + t2 * even[j + 2]
+                           + t3 * even[j + 3] + t4 * even[j + 4])
+        elif k == 3:
+            t0, t1, t2 = kr[0], kr[1], kr[2]
+            for j in range(n):
+                acc[j] += t0 * even[j] + t1 * odd[j] + t2 * even[j + 1]
+        elif k == 5:
+            t0, t1, t2, t3, t4 = kr[0], kr[1], kr[2], kr[3], kr[4]
+            for j in range(n):
+                acc[j] += (t0 * even[j] + t1 * odd[j] + t2 * even[j + 1] + t3 * odd[j + 1]
+                           + t4 * even[j + 2])
+        else:
+            for dj in range(k):
+                t = kr[dj]
+                src = even if stride == 1 or dj % 2 == 0 else odd
+                shift = dj if stride == 1 else dj // 2
+                for j in range(n):
+                    acc[j] += t * src[j + shift]
+
+    @njit(inline="always")
+    def _planes(task, tasks, planes):
+        """The planes [first, stop) of one of ``tasks`` parallel tasks (buffers per task)."""
+        return task * planes // tasks, (task + 1) * planes // tasks
+
+    @njit(inline="always")
+    def _copy_padded(xp, even, odd, stride, pad):
+        """The plane into the zero-padded buffer(s); their borders stay zero."""
+        height, width = xp.shape
+        for i in range(height):
+            if stride == 1:
+                even[i + pad, pad:pad + width] = xp[i]
+            else:
+                first_even = pad % 2            # column j lands at padded column j + pad
+                for j in range(first_even, width, 2):
+                    even[i + pad, (j + pad) // 2] = xp[i, j]
+                for j in range(1 - first_even, width, 2):
+                    odd[i + pad, (j + pad) // 2] = xp[i, j]
+
+    def _forward_loop(x, w, bias, y, stride, pad, tasks):
+        n_images, channels, height, width = x.shape
+        k = w.shape[1]
+        out_height, out_width = y.shape[2], y.shape[3]
+        padded_width = width + 2 * pad + 2
+        half = padded_width // 2 + 1 if stride == 2 else 1
+        planes = n_images * channels
+        for task in prange(tasks):
+            # the plane zero-padded (at stride 2: its even and odd columns apart)
+            even = np.zeros((height + 2 * pad + 1, padded_width if stride == 1 else half),
+                            x.dtype)
+            odd = np.zeros((height + 2 * pad + 1, half), x.dtype)
+            acc = np.empty(out_width, x.dtype)
+            first, stop = _planes(task, tasks, planes)
+            for plane in range(first, stop):
+                c = plane % channels
+                yp, kc = y[plane // channels, c], w[c]
+                _copy_padded(x[plane // channels, c], even, odd, stride, pad)
+                for i in range(out_height):
+                    b = bias[c]
+                    for j in range(out_width):
+                        acc[j] = b
+                    for di in range(k):
+                        r = i * stride + di
+                        _row_taps(acc, even[r], odd[r], kc[di], k, stride)
+                    out = yp[i]
+                    for j in range(out_width):
+                        out[j] = acc[j]
+
+    def _input_grad_stride_2_loop(grad_y, w, grad_x, pad, tasks):
+        """dX[x] gathers, per parity q of x + pad, the taps dj = 2e + q at dY[(x + pad - dj)
+        / 2] from a zero-padded copy of dY's rows (e <= (k - 1) / 2 zeros on the left)."""
+        n_images, channels, out_height, out_width = grad_y.shape
+        height, width = grad_x.shape[2], grad_x.shape[3]
+        k = w.shape[1]
+        left = (k - 1) // 2
+        half = (width + pad - 1) // 2 + 1          # padded columns 2m + q, m < half
+        planes = n_images * channels
+        for task in prange(tasks):
+            padded = np.zeros((out_height, max(half, out_width) + 2 * left + 2), grad_y.dtype)
+            acc_even = np.empty(half, grad_y.dtype)
+            acc_odd = np.empty(half, grad_y.dtype)
+            first, stop = _planes(task, tasks, planes)
+            for plane in range(first, stop):
+                c = plane % channels
+                gp, xp, kc = grad_y[plane // channels, c], grad_x[plane // channels, c], w[c]
+                for o in range(out_height):
+                    padded[o, left:left + out_width] = gp[o]
+                for i in range(height):
+                    acc_even[:] = 0.0
+                    acc_odd[:] = 0.0
+                    for di in range((i + pad) % 2, k, 2):
+                        o = (i + pad - di) // 2
+                        if o < 0 or o >= out_height:
+                            continue
+                        row = padded[o]
+                        for dj in range(k):
+                            t = kc[di, dj]
+                            shift = left - dj // 2
+                            acc_q = acc_even if dj % 2 == 0 else acc_odd
+                            for m in range(half):
+                                acc_q[m] += t * row[m + shift]
+                    out = xp[i]
+                    first_even = pad % 2
+                    for j in range(first_even, width, 2):
+                        out[j] = acc_even[(j + pad) // 2]
+                    for j in range(1 - first_even, width, 2):
+                        out[j] = acc_odd[(j + pad) // 2]
+
+    def _compiled(loop):
+        """(serial, parallel) builds, as cpu_kernels._compiled: one thread runs the serial."""
+        options = {"nogil": True, "cache": True, "fastmath": {"contract"}}
+        return njit(**options)(loop), njit(parallel=True, **options)(loop)
+
+    _FORWARD = _compiled(_forward_loop)
+    _INPUT_GRAD_STRIDE_2 = _compiled(_input_grad_stride_2_loop)
+
+
+_TASKS_PER_THREAD = 4   # tasks of whole planes; each allocates its padded buffers once
+
+
+def _run(builds, *args) -> None:
+    """The serial build on one thread, else the parallel one on torch's thread count."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    planes = args[0].shape[0] * args[0].shape[1]
+    if threads <= 1:
+        builds[0](*args, 1)
+        return
+    numba.set_num_threads(threads)
+    builds[1](*args, min(planes, threads * _TASKS_PER_THREAD))
+
+
+def _out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _arrays(weight: Tensor, bias: Tensor | None, channels: int, dtype):
+    """The kernel as [C, K, K] and the bias as [C] (zeros when there is none), numpy."""
+    bias = torch.zeros(channels, dtype=dtype) if bias is None else bias
+    return weight.detach()[:, 0].numpy(), bias.detach().numpy()
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, pad: int,
+            out: Tensor | None = None) -> Tensor:
+    """The depthwise conv of ``x`` (a call :func:`serves`), into ``out`` if given."""
+    n, c, h, w = x.shape
+    k = weight.shape[-1]
+    shape = (n, c, _out_size(h, k, stride, pad), _out_size(w, k, stride, pad))
+    if out is None:
+        out = x.new_empty(shape)
+    elif tuple(out.shape) != shape or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    _run(_FORWARD, x.detach().numpy(), *_arrays(weight, bias, c, x.dtype),
+         out.detach().numpy(), stride, pad)
+    return out
+
+
+def input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride: int, pad: int,
+               out: Tensor | None = None) -> Tensor:
+    """dX of the depthwise conv (a call :func:`serves` with dY as ``x``) of an input of
+    ``x_shape``, into ``out`` if given."""
+    x_shape = tuple(x_shape)
+    k = weight.shape[-1]
+    expected = x_shape[:2] + tuple(_out_size(s, k, stride, pad) for s in x_shape[2:])
+    if tuple(grad_y.shape) != expected:
+        raise ValueError(f"grad_y: expected shape {expected} for x_shape={x_shape}, "
+                         f"got {tuple(grad_y.shape)}")
+    if stride == 1:   # the same sizes back: pad' = k - 1 - pad keeps H
+        return forward(grad_y, weight.flip(2, 3).contiguous(), None, 1, k - 1 - pad, out)
+    if out is None:
+        out = grad_y.new_empty(x_shape)
+    elif tuple(out.shape) != x_shape or not out.is_contiguous() or out.dtype != grad_y.dtype:
+        raise ValueError(f"out: expected a contiguous {grad_y.dtype} tensor of shape "
+                         f"{x_shape}, got {out.dtype} {tuple(out.shape)}")
+    _run(_INPUT_GRAD_STRIDE_2, grad_y.detach().numpy(), weight.detach()[:, 0].numpy(),
+         out.detach().numpy(), pad)
+    return out
+
+
+def wall_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median wall time of ``fn`` in ms, after one untimed call (numba's first call loads
+    the compiled loop)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+CHOOSER = PathChooser(timer=wall_time_ms)
+
+
+def _path_setting() -> str:
+    path = os.environ.get("TRADY_CPU_DEPTHWISE", "timed")
+    if path not in PATHS:
+        raise ValueError(f"TRADY_CPU_DEPTHWISE={path!r}: allowed values are {PATHS}")
+    return path
+
+
+def fastest(op: str, x: Tensor, weight: Tensor, stride: int, numba_path: Callable[[], Tensor],
+            aten_path: Callable[[], Tensor], chooser: PathChooser = CHOOSER) -> Tensor:
+    """The result of the faster path for this (op, shape of ``x``, kernel, stride, dtype,
+    thread count): timed once, then looked up (or pinned by ``TRADY_CPU_DEPTHWISE``)."""
+    pinned = _path_setting()
+    candidates = {"numba": numba_path, "aten": aten_path}
+    if pinned != "timed":
+        return candidates[pinned]()
+    key = (op, tuple(x.shape), tuple(weight.shape), stride, x.dtype, torch.get_num_threads())
+    return candidates[chooser.choose(key, candidates)]()
