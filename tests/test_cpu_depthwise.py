@@ -163,3 +163,35 @@ def test_cpu_kernels_routes_depthwise_convs_exactly(monkeypatch, path, stride):
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(cpu_kernels.conv2d_input_grad(x.shape, weight, grad_y, *conv),
                                grad_x, rtol=1e-12, atol=1e-12)
+
+
+def test_one_thread_runs_the_serial_build_in_a_fresh_process():
+    """numba's cache keys entries by function name and signature, not by ``parallel``:
+    were both builds one entry, the serial one would load the parallel code, launch
+    numba's OpenMP pool, and its idle workers would spin beside torch (bench/RESULTS.md,
+    issue 11). Run twice so that the second process loads both builds from the cache."""
+    import subprocess
+    import sys
+    script = (
+        "import torch, numba, numba.np.ufunc.parallel as p\n"
+        "from trady_triton import cpu_depthwise, cpu_kernels\n"
+        "x, w = torch.randn(2, 3, 8, 8), torch.randn(3, 1, 3, 3)\n"
+        "if sys.argv[1] == 'parallel':\n"
+        "    torch.set_num_threads(2); cpu_depthwise.forward(x, w, None, 1, 1)\n"
+        "    cpu_kernels.relu_forward_mask(x, 6.0)\n"
+        "    raise SystemExit(0)\n"
+        "torch.set_num_threads(1)\n"
+        "cpu_depthwise.forward(x, w, None, 2, 1)\n"
+        "cpu_depthwise.forward(x, w, None, 1, 1)\n"
+        "cpu_kernels.relu_forward_mask(x, 6.0)\n"
+        "try:\n"
+        "    numba.threading_layer()\n"
+        "except ValueError:\n"
+        "    raise SystemExit(0)\n"
+        "raise SystemExit('the threading layer was launched at one thread')\n")
+    for mode in ("parallel", "serial", "parallel", "serial"):
+        done = subprocess.run([sys.executable, "-c", "import sys\n" + script, mode],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (mode, done.stdout, done.stderr)
+    builds = cpu_depthwise._FORWARD
+    assert builds[0].py_func.__qualname__ != builds[1].py_func.__qualname__

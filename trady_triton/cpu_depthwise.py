@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import types
 from typing import Callable
 
 import numpy as np
@@ -42,7 +43,8 @@ try:
 except ImportError:   # numba is a dependency; without it every conv here is ATen's
     numba = None
 
-__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS"]
+
+__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS", "compiled_builds"]
 
 _FLOATS = (torch.float32, torch.float64)
 PATHS = ("timed", "numba", "aten")
@@ -70,6 +72,21 @@ def serves(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
             == x.shape[1] and weight.shape[2] == k and k % 2 == 1
             and stride in ((1, 1), (2, 2)) and dilation == (1, 1)
             and padding is not None and padding[0] == padding[1] and 0 <= padding[0] < k)
+
+
+def compiled_builds(loop, **options):
+    """(serial, parallel) builds of ``loop``. One thread runs the serial one: an
+    OpenMP pool of numba's would spin beside torch's on the same cores.
+
+    numba's on-disk cache keys an entry by function name and signature, not by
+    ``parallel``: two builds of one function share it, and the serial one would load
+    the parallel one's code (whose idle OpenMP workers then spin on the cores torch
+    uses). The parallel build is compiled from a renamed copy, its own entry."""
+    twin = types.FunctionType(loop.__code__, loop.__globals__, loop.__name__ + "_parallel",
+                              loop.__defaults__, loop.__closure__)
+    twin.__qualname__ = loop.__qualname__ + "_parallel"
+    return (njit(nogil=True, cache=True, **options)(loop),
+            njit(parallel=True, nogil=True, cache=True, **options)(twin))
 
 
 if numba is not None:
@@ -194,13 +211,8 @@ if numba is not None:
                     for j in range(1 - first_even, width, 2):
                         out[j] = acc_odd[(j + pad) // 2]
 
-    def _compiled(loop):
-        """(serial, parallel) builds, as cpu_kernels._compiled: one thread runs the serial."""
-        options = {"nogil": True, "cache": True, "fastmath": {"contract"}}
-        return njit(**options)(loop), njit(parallel=True, **options)(loop)
-
-    _FORWARD = _compiled(_forward_loop)
-    _INPUT_GRAD_STRIDE_2 = _compiled(_input_grad_stride_2_loop)
+    _FORWARD = compiled_builds(_forward_loop, fastmath={"contract"})
+    _INPUT_GRAD_STRIDE_2 = compiled_builds(_input_grad_stride_2_loop, fastmath={"contract"})
 
 
 _TASKS_PER_THREAD = 4   # tasks of whole planes; each allocates its padded buffers once

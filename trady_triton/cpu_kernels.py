@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_depthwise, reference
+from .cpu_depthwise import compiled_builds as _compiled
 # the ops with no faster CPU loop here are the reference's own
 from .reference import linear_weight_grad_masked, pack_mask, unpack_mask  # noqa: F401
 
@@ -133,12 +134,6 @@ if numba is not None:
                 for i in range(o.size):
                     o[i] *= s               # as reference: blocked -> (+0.0) * scale
                 e = run_stop
-
-    def _compiled(loop, **options):
-        """(serial, parallel) builds of ``loop``. One thread runs the serial one: an
-        OpenMP pool of numba's would spin beside torch's on the same cores."""
-        return (njit(nogil=True, cache=True, **options)(loop),
-                njit(parallel=True, nogil=True, cache=True, **options)(loop))
 
     # "contract": x * scale + shift as one fused multiply-add, as torch.addcmul computes it
     _AFFINE_CLAMP_PACK = _compiled(_affine_clamp_pack_loop, fastmath={"contract"})
