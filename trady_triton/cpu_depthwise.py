@@ -91,37 +91,43 @@ def compiled_builds(loop, **options):
 
 if numba is not None:
     @njit(inline="always")
-    def _row_taps(acc, even, odd, kr, k, stride):
-        """acc[j] += sum_dj kr[dj] * row[j * stride + dj] of a zero-padded input row,
-        given as ``even`` (the row itself at stride 1; its even columns at stride 2) and
-        ``odd`` (its odd columns at stride 2): every load is contiguous. Kernels of 3 and
-        5 taps in one pass over ``acc``, others one pass per tap."""
-        n = acc.size
-        if stride == 1 and k == 3:
-            t0, t1, t2 = kr[0], kr[1], kr[2]
-            for j in range(n):
-                acc[j] += t0 * even[j] + t1 * even[j + 1] + t2 * even[j + 2]
-        elif stride == 1 and k == 5:
-            t0, t1, t2, t3, t4 = kr[0], kr[1], kr[2], kr[3], kr[4]
-            for j in range(n):
-                acc[j] += (t0 * even[j] + t1 * even[j + 1] + t2 * even[j + 2]
-                           + t3 * even[j + 3] + t4 * even[j + 4])
-        elif k == 3:
-            t0, t1, t2 = kr[0], kr[1], kr[2]
-            for j in range(n):
+    def _row_taps_stride_1(acc, row, kc, di, k):
+        """acc[j] += sum_dj kc[di, dj] * row[j + dj] over a zero-padded input row: kernels
+        of 3 and 5 taps in one pass over ``acc``, others one pass per tap."""
+        if k == 3:
+            t0, t1, t2 = kc[di, 0], kc[di, 1], kc[di, 2]
+            for j in range(acc.size):
+                acc[j] += t0 * row[j] + t1 * row[j + 1] + t2 * row[j + 2]
+        elif k == 5:
+            t0, t1, t2, t3, t4 = kc[di, 0], kc[di, 1], kc[di, 2], kc[di, 3], kc[di, 4]
+            for j in range(acc.size):
+                acc[j] += (t0 * row[j] + t1 * row[j + 1] + t2 * row[j + 2] + t3 * row[j + 3]
+                           + t4 * row[j + 4])
+        else:
+            for dj in range(k):
+                t = kc[di, dj]
+                for j in range(acc.size):
+                    acc[j] += t * row[j + dj]
+
+    @njit(inline="always")
+    def _row_taps_stride_2(acc, even, odd, kc, di, k):
+        """acc[j] += sum_dj kc[di, dj] * row[2 j + dj], the padded row given as its even
+        and odd columns apart: every load contiguous."""
+        if k == 3:
+            t0, t1, t2 = kc[di, 0], kc[di, 1], kc[di, 2]
+            for j in range(acc.size):
                 acc[j] += t0 * even[j] + t1 * odd[j] + t2 * even[j + 1]
         elif k == 5:
-            t0, t1, t2, t3, t4 = kr[0], kr[1], kr[2], kr[3], kr[4]
-            for j in range(n):
+            t0, t1, t2, t3, t4 = kc[di, 0], kc[di, 1], kc[di, 2], kc[di, 3], kc[di, 4]
+            for j in range(acc.size):
                 acc[j] += (t0 * even[j] + t1 * odd[j] + t2 * even[j + 1] + t3 * odd[j + 1]
                            + t4 * even[j + 2])
         else:
             for dj in range(k):
-                t = kr[dj]
-                src = even if stride == 1 or dj % 2 == 0 else odd
-                shift = dj if stride == 1 else dj // 2
-                for j in range(n):
-                    acc[j] += t * src[j + shift]
+                t = kc[di, dj]
+                src = even if dj % 2 == 0 else odd
+                for j in range(acc.size):
+                    acc[j] += t * src[j + dj // 2]
 
     @njit(inline="always")
     def _planes(task, tasks, planes):
@@ -165,8 +171,11 @@ if numba is not None:
                     for j in range(out_width):
                         acc[j] = b
                     for di in range(k):
-                        r = i * stride + di
-                        _row_taps(acc, even[r], odd[r], kc[di], k, stride)
+                        if stride == 1:
+                            _row_taps_stride_1(acc, even[i + di], kc, di, k)
+                        else:
+                            _row_taps_stride_2(acc, even[2 * i + di], odd[2 * i + di], kc, di,
+                                               k)
                     out = yp[i]
                     for j in range(out_width):
                         out[j] = acc[j]
