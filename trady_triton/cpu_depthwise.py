@@ -1,8 +1,8 @@
 """Depthwise convolutions on the CPU, one channel plane per task (numba).
 
-oneDNN runs a depthwise conv of MobileNet's large planes (e.g. [32, 48, 64, 64]) several
-times slower than a plain loop over each plane, and its stride-2 dX (ATen's
-backward-data) slower still (bench/RESULTS.md, issue 11). Here:
+oneDNN's stride-2 depthwise dX (ATen's backward-data) takes ~5 ns per element for 48 or 96
+channels: 47 ms for MobileNetV2's [32, 48, 64, 64] at one thread, where the loop here takes
+22 ms (bench/RESULTS.md, issue 11). Here:
 
 * :func:`forward`: y = conv(x, W) + b, for one input channel per group (``groups ==
   C_in == C_out``), a square odd kernel, stride 1 or 2, dilation 1, symmetric padding
@@ -11,16 +11,16 @@ backward-data) slower still (bench/RESULTS.md, issue 11). Here:
   kernel. Stride 2: each input row gathers from the (at most ceil(K/2)) output rows that
   touch it, so no zero-inserted copy of dY is built.
 
-Each plane's loop accumulates one output row at a time, one kernel tap per pass over
-the row, all loads contiguous (the plane is first copied into a zero-padded buffer; at
-stride 2 its even and odd columns apart). :func:`serves` says whether a call is one of
-these.
+Each plane's loop accumulates one output row at a time, one pass over the row per kernel
+row (3 and 5 taps) or per tap (other kernels), all loads contiguous: the plane is first
+copied into a zero-padded buffer, at stride 2 its even and odd columns apart.
+:func:`serves` says whether a call is one of these.
 
-Which is faster, this loop or ATen's (oneDNN), depends on the shape in ways no simple
-rule captures (oneDNN's stride-2 dX takes 5 ns per element for 48 or 96 channels, 1.6 ns
-for 32; it wins planes of 16x16 and below): :func:`fastest` times both once per (op,
-shape, kernel, stride, dtype, thread count), at the first step that meets it, and keeps
-the winner. ``TRADY_CPU_DEPTHWISE`` pins it: ``timed`` (default), ``numba`` or ``aten``.
+Which is faster, this loop or ATen's, depends on the shape in ways no simple rule captures
+(at one thread oneDNN's forward and stride-1 dX win all but 112x112 planes; its stride-2 dX
+is fast at 32 channels, slow at 48 and 96): :func:`fastest` times both once per (op, shape,
+kernel, stride, dtype, thread count), at the first step that meets it, and keeps the
+winner. ``TRADY_CPU_DEPTHWISE`` pins it: ``timed`` (default), ``numba`` or ``aten``.
 """
 
 from __future__ import annotations
