@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import statistics
 import time
-import types
 from typing import Callable
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .fastest import PathChooser
+from .numba_builds import compiled_builds, run, thread_count
 
 try:
     import numba
@@ -44,7 +44,7 @@ except ImportError:   # numba is a dependency; without it every conv here is ATe
     numba = None
 
 
-__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS", "compiled_builds"]
+__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS"]
 
 _FLOATS = (torch.float32, torch.float64)
 PATHS = ("timed", "numba", "aten")
@@ -72,21 +72,6 @@ def serves(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
             == x.shape[1] and weight.shape[2] == k and k % 2 == 1
             and stride in ((1, 1), (2, 2)) and dilation == (1, 1)
             and padding is not None and padding[0] == padding[1] and 0 <= padding[0] < k)
-
-
-def compiled_builds(loop, **options):
-    """(serial, parallel) builds of ``loop``. One thread runs the serial one: an
-    OpenMP pool of numba's would spin beside torch's on the same cores.
-
-    numba's on-disk cache keys an entry by function name and signature, not by
-    ``parallel``: two builds of one function share it, and the serial one would load
-    the parallel one's code (whose idle OpenMP workers then spin on the cores torch
-    uses). The parallel build is compiled from a renamed copy, its own entry."""
-    twin = types.FunctionType(loop.__code__, loop.__globals__, loop.__name__ + "_parallel",
-                              loop.__defaults__, loop.__closure__)
-    twin.__qualname__ = loop.__qualname__ + "_parallel"
-    return (njit(nogil=True, cache=True, **options)(loop),
-            njit(parallel=True, nogil=True, cache=True, **options)(twin))
 
 
 if numba is not None:
@@ -228,14 +213,11 @@ _TASKS_PER_THREAD = 4   # tasks of whole planes; each allocates its padded buffe
 
 
 def _run(builds, *args) -> None:
-    """The serial build on one thread, else the parallel one on torch's thread count."""
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    """:func:`numba_builds.run` with the task count last: one task on one thread, else a
+    few per thread (whole planes each)."""
     planes = args[0].shape[0] * args[0].shape[1]
-    if threads <= 1:
-        builds[0](*args, 1)
-        return
-    numba.set_num_threads(threads)
-    builds[1](*args, min(planes, threads * _TASKS_PER_THREAD))
+    threads = thread_count()
+    run(builds, *args, 1 if threads <= 1 else min(planes, threads * _TASKS_PER_THREAD))
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:

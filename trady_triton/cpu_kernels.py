@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_depthwise, reference
-from .cpu_depthwise import compiled_builds as _compiled
+from .numba_builds import compiled_builds as _compiled, run as _run
 # the ops with no faster CPU loop here are the reference's own
 from .reference import linear_weight_grad_masked, pack_mask, unpack_mask  # noqa: F401
 
@@ -148,16 +148,6 @@ def _typed(x: Tensor, *values: float):
     """``values`` as numpy scalars of x's dtype: the loops then compute in that dtype."""
     kind = torch.empty(0, dtype=x.dtype).numpy().dtype.type
     return tuple(kind(v) for v in values)
-
-
-def _run(builds, *args) -> None:
-    """Run the serial build, or the parallel one on torch's intra-op thread count."""
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads <= 1:
-        builds[0](*args)
-        return
-    numba.set_num_threads(threads)
-    builds[1](*args)
 
 
 def _affine_clamp(x: Tensor, scale: Tensor | None, shift: Tensor | None, upper: float | None,
