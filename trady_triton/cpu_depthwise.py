@@ -59,6 +59,8 @@ def serves(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
     """Whether the loops here compute this conv (``x`` the input, or dY for dX): CPU,
     float32/64 in one dtype, contiguous NCHW, multiplier-1 depthwise, square odd kernel,
     stride (1, 1) or (2, 2), dilation 1, padding (p, p) with 0 <= p < kernel size."""
+    if weight.dim() != 4 or weight.shape[1] != 1 or groups != weight.shape[0]:
+        return False     # not depthwise: the cheap test first, most convs stop here
     if numba is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
     tensors = [x, weight] + ([] if bias is None else [bias])
