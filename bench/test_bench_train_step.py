@@ -544,3 +544,23 @@ def test_gpu_session_pins_autotuning_for_the_tests_only(monkeypatch):
     assert _env("cuda", autotune=False)["TRADY_AUTOTUNE"] == "0"
     assert "TRADY_AUTOTUNE" not in _env("cuda", autotune=True)      # the bench autotunes
     assert _env("cpu", autotune=True)["TRITON_INTERPRET"] == "1"
+
+
+def test_step_macs_counts_forward_dx_behind_the_earliest_trained_layer_and_selected_dw():
+    from trady_triton.cost import LayerCost
+    from step_flops import macs_ratio, step_macs
+
+    def conv(name, order, c_in, c_out, k, hw):
+        return LayerCost(name, "conv", c_in, c_out, 1, (k, k), (hw, hw), (hw, hw), 4, order)
+
+    layers = [conv("b", 1, 8, 16, 3, 5), conv("a", 0, 3, 8, 3, 7), conv("c", 2, 16, 4, 1, 5)]
+    # per input channel: a 8*9*49 = 3528, b 16*9*25 = 3600, c 4*25 = 100 multiply-adds
+    parts = step_macs(layers, {"b": 2, "c": 16})
+    assert parts["forward"] == parts["dw_full"] == 3 * 3528 + 8 * 3600 + 16 * 100
+    assert parts["dx_full"] == 8 * 3600 + 16 * 100          # every layer but the input's
+    assert parts["dx_trady"] == 16 * 100                    # only behind b, the earliest
+    assert parts["dw_trady"] == 2 * 3600 + 16 * 100
+    f = parts["forward"]
+    assert macs_ratio(parts) == pytest.approx((f + 1600 + 8800) / (f + 30400 + f))
+    with pytest.raises(ValueError, match="counts"):
+        step_macs(layers, {})
