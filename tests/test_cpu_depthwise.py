@@ -3,7 +3,7 @@
 Forward and dX of multiplier-1 depthwise convs: odd and tiny planes, one image and odd
 batches, one and odd channel counts, 3x3 / 5x5 / 7x7, stride 1 and 2, padding k // 2 and
 0, with and without bias, float32 and float64, outputs NaN-poisoned before the loop
-writes them. Then what the loops refuse, the timed choice and its pin, and routing
+writes them; the masked dW of a random channel subset likewise. Then what the loops refuse, the timed choice and its pin, and routing
 through ``cpu_kernels``.
 """
 
@@ -59,6 +59,76 @@ def test_forward_and_input_grad_equal_float64_autograd(case, with_bias, dtype):
     torch.testing.assert_close(got.double(), grad_x, **TOL[dtype])
 
 
+
+def _weight_grad_oracle(case, kept, seed):
+    """float64 x, dY, a random subset ``idx`` of ``kept`` channels, and autograd's dW
+    with the rows outside ``idx`` zeroed."""
+    n, c, h, w, k, stride, pad = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, weight, None, stride, pad, 1, c)
+    grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad_y)
+    idx = torch.randperm(c, generator=g)[:kept]
+    expected = torch.zeros_like(weight)
+    expected[idx] = weight.grad[idx]
+    return x, grad_y, idx, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%d-c%d-%dx%d-k%d-s%d-p%d" % c)
+def test_masked_weight_grad_equals_float64_autograd(case, dtype):
+    _, c, _, _, k, stride, pad = case
+    for kept in sorted({1, (c + 1) // 2, c}):
+        x, grad_y, idx, expected = _weight_grad_oracle(case, kept, seed=sum(case) + kept)
+        x_compact, grad_y = x[:, idx].contiguous().to(dtype), grad_y.to(dtype)
+        conv = ((stride, stride), (pad, pad), (1, 1), c)
+        assert cpu_depthwise.serves_weight_grad(x_compact, grad_y, idx, expected.shape, *conv)
+        rows = torch.full((kept, k, k), float("nan"), dtype=dtype)     # poisoned: all written
+        cpu_depthwise.run(cpu_depthwise._WEIGHT_GRAD_MASKED, x_compact.numpy(), grad_y.numpy(),
+                          idx.numpy(), rows.numpy(), stride, pad)
+        torch.testing.assert_close(rows.double(), expected[idx, 0], **TOL[dtype])
+        got = cpu_depthwise.weight_grad_masked(x_compact, grad_y, idx, expected.shape, stride, pad)
+        assert got.dtype == dtype and got.shape == expected.shape
+        torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+        unselected = torch.ones(c, dtype=torch.bool)
+        unselected[idx] = False
+        assert (got[unselected] == 0).all()
+
+
+def _weight_grad_refused():
+    """(reason, x_compact, grad_y, idx, weight_shape, conv): masked dW calls not served."""
+    x, gy, idx = torch.randn(2, 2, 6, 6), torch.randn(2, 4, 6, 6), torch.tensor([0, 3])
+    one = ((1, 1), (1, 1), (1, 1), 4)
+    yield "groups 1", x, torch.randn(2, 5, 6, 6), idx, (5, 4, 3, 3), one[:3] + (1,)
+    yield "even kernel", x, torch.randn(2, 4, 7, 7), idx, (4, 1, 2, 2), one
+    yield "stride 3", x, torch.randn(2, 4, 2, 2), idx, (4, 1, 3, 3), ((3, 3),) + one[1:]
+    yield "dilation 2", x, torch.randn(2, 4, 4, 4), idx, (4, 1, 3, 3), ((1, 1), (1, 1), (2, 2), 4)
+    yield "idx and x_compact disagree", x, gy, torch.tensor([1]), (4, 1, 3, 3), one
+    yield "dY of another size", x, torch.randn(2, 4, 5, 5), idx, (4, 1, 3, 3), one
+    yield "non-contiguous", x.transpose(2, 3), gy, idx, (4, 1, 3, 3), one
+    yield "mixed dtypes", x.double(), gy, idx, (4, 1, 3, 3), one
+    yield "half precision", x.half(), gy.half(), idx, (4, 1, 3, 3), one
+
+
+@pytest.mark.parametrize("reason, x_compact, grad_y, idx, weight_shape, conv",
+                         list(_weight_grad_refused()), ids=[r[0] for r in _weight_grad_refused()])
+def test_refused_masked_weight_grads_go_to_the_reference(reason, x_compact, grad_y, idx,
+                                                         weight_shape, conv):
+    assert not cpu_depthwise.serves_weight_grad(x_compact, grad_y, idx, weight_shape, *conv)
+
+
+@pytest.mark.parametrize("path", ["numba", "aten", "timed"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_kernels_routes_depthwise_weight_grads_exactly(monkeypatch, path, stride):
+    monkeypatch.setenv("TRADY_CPU_DEPTHWISE", path)
+    x, grad_y, idx, expected = _weight_grad_oracle((3, 5, 9, 7, 3, stride, 1), 2, seed=5)
+    got = cpu_kernels.conv2d_weight_grad_masked(x[:, idx].contiguous(), grad_y, idx,
+                                                tuple(expected.shape), (stride, stride), (1, 1),
+                                                (1, 1), 5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_serial_and_parallel_builds_agree(threads):
     previous = torch.get_num_threads()
@@ -72,6 +142,11 @@ def test_serial_and_parallel_builds_agree(threads):
             torch.testing.assert_close(cpu_depthwise.input_grad(x.shape, weight, grad_y, stride,
                                                                 pad), grad_x,
                                        rtol=1e-12, atol=1e-12)
+            x, grad_y, idx, expected = _weight_grad_oracle(case, 3, seed=8)
+            torch.testing.assert_close(
+                cpu_depthwise.weight_grad_masked(x[:, idx].contiguous(), grad_y, idx,
+                                                 expected.shape, stride, pad),
+                expected, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(previous)
 

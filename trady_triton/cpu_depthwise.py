@@ -44,7 +44,8 @@ except ImportError:   # numba is a dependency; without it every conv here is ATe
     numba = None
 
 
-__all__ = ["serves", "forward", "input_grad", "fastest", "PATHS"]
+__all__ = ["serves", "forward", "input_grad", "serves_weight_grad", "weight_grad_masked",
+           "fastest", "PATHS"]
 
 _FLOATS = (torch.float32, torch.float64)
 PATHS = ("timed", "numba", "aten")
@@ -210,6 +211,66 @@ if numba is not None:
     _FORWARD = compiled_builds(_forward_loop, fastmath={"contract"})
     _INPUT_GRAD_STRIDE_2 = compiled_builds(_input_grad_stride_2_loop, fastmath={"contract"})
 
+    @njit(inline="always")
+    def _weight_grad_row(acc, grow, xrow, di, k, stride):
+        """acc[di, dj] += sum_j dY_row[j] * x_row[j * stride + dj] over a zero-padded input
+        row: all k taps in one pass over j when k is 3 or 5."""
+        if k == 3:
+            a0 = a1 = a2 = grow[0] * 0
+            for j in range(grow.size):
+                g, b = grow[j], j * stride
+                a0 += g * xrow[b]
+                a1 += g * xrow[b + 1]
+                a2 += g * xrow[b + 2]
+            acc[di, 0] += a0
+            acc[di, 1] += a1
+            acc[di, 2] += a2
+        elif k == 5:
+            a0 = a1 = a2 = a3 = a4 = grow[0] * 0
+            for j in range(grow.size):
+                g, b = grow[j], j * stride
+                a0 += g * xrow[b]
+                a1 += g * xrow[b + 1]
+                a2 += g * xrow[b + 2]
+                a3 += g * xrow[b + 3]
+                a4 += g * xrow[b + 4]
+            acc[di, 0] += a0
+            acc[di, 1] += a1
+            acc[di, 2] += a2
+            acc[di, 3] += a3
+            acc[di, 4] += a4
+        else:
+            for dj in range(k):
+                total = grow[0] * 0
+                for j in range(grow.size):
+                    total += grow[j] * xrow[j * stride + dj]
+                acc[di, dj] += total
+
+    def _weight_grad_masked_loop(x_compact, grad_y, idx, out, stride, pad):
+        """out[t, di, dj] = sum over images and output positions of dY[n, idx[t]] times the
+        input tap x_compact[n, t] under it, from a zero-padded copy of each input plane: one
+        parallel task per selected channel. Row sums in the input's dtype, the rest in
+        float64."""
+        n_images, kept, height, width = x_compact.shape
+        out_height = grad_y.shape[2]
+        k = out.shape[1]
+        for t in prange(kept):
+            c = idx[t]
+            acc = np.zeros((k, k), np.float64)
+            padded = np.zeros((height + 2 * pad + stride, width + 2 * pad + stride),
+                              x_compact.dtype)
+            for n in range(n_images):
+                padded[pad:pad + height, pad:pad + width] = x_compact[n, t]
+                gp = grad_y[n, c]
+                for i in range(out_height):
+                    for di in range(k):
+                        _weight_grad_row(acc, gp[i], padded[i * stride + di], di, k, stride)
+            for di in range(k):
+                for dj in range(k):
+                    out[t, di, dj] = acc[di, dj]
+
+    _WEIGHT_GRAD_MASKED = compiled_builds(_weight_grad_masked_loop, fastmath={"contract"})
+
 
 _TASKS_PER_THREAD = 4   # tasks of whole planes; each allocates its padded buffers once
 
@@ -270,6 +331,47 @@ def input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride: int, pad: int,
     return out
 
 
+def serves_weight_grad(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_shape,
+                       stride, padding, dilation, groups: int) -> bool:
+    """Whether :func:`weight_grad_masked` computes this masked dW: the geometry
+    :func:`serves` takes, ``x_compact`` holding the input channels ``idx`` of the input
+    whose conv gave the full dY ``grad_y``."""
+    weight_shape = tuple(weight_shape)
+    if len(weight_shape) != 4 or weight_shape[1] != 1 or groups != weight_shape[0]:
+        return False
+    if numba is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    k = weight_shape[2]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if not (weight_shape[3] == k and k % 2 == 1 and stride in ((1, 1), (2, 2))
+            and dilation == (1, 1) and padding is not None and padding[0] == padding[1]
+            and 0 <= padding[0] < k):
+        return False
+    tensors = (x_compact, grad_y)
+    if not (all(t.device.type == "cpu" and t.dtype == grad_y.dtype and t.dim() == 4
+                and t.is_contiguous() and t.numel() > 0 for t in tensors)
+            and grad_y.dtype in _FLOATS and grad_y.shape[1] == groups
+            and idx.device.type == "cpu" and idx.dim() == 1 and 0 < idx.numel() <= groups
+            and x_compact.shape[:2] == (grad_y.shape[0], idx.numel())):
+        return False
+    return tuple(grad_y.shape[2:]) == tuple(
+        _out_size(s, k, stride[0], padding[0]) for s in x_compact.shape[2:])
+
+
+def weight_grad_masked(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_shape,
+                       stride: int, pad: int) -> Tensor:
+    """The dense depthwise dW ``[C, 1, k, k]`` with only the rows ``idx`` filled (a call
+    :func:`serves_weight_grad`), straight from the compact input and the full dY."""
+    channels, _, k, _ = tuple(weight_shape)
+    idx = idx.long()
+    rows = x_compact.new_empty((idx.numel(), k, k))
+    run(_WEIGHT_GRAD_MASKED, x_compact.detach().numpy(), grad_y.detach().numpy(),
+        idx.numpy(), rows.numpy(), stride, pad)
+    grad_weight = grad_y.new_zeros(tuple(weight_shape))
+    grad_weight.view(channels, k * k).index_copy_(0, idx, rows.view(idx.numel(), k * k))
+    return grad_weight
+
+
 def wall_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
     """Median wall time of ``fn`` in ms, after one untimed call (numba's first call loads
     the compiled loop)."""
@@ -294,8 +396,9 @@ def _path_setting() -> str:
 
 def fastest(op: str, x: Tensor, weight: Tensor, stride: int, numba_path: Callable[[], Tensor],
             aten_path: Callable[[], Tensor], chooser: PathChooser = CHOOSER) -> Tensor:
-    """The result of the faster path for this (op, shape of ``x``, kernel, stride, dtype,
-    thread count): timed once, then looked up (or pinned by ``TRADY_CPU_DEPTHWISE``)."""
+    """The result of the faster path for this (op, shape of ``x``, shape of ``weight`` (the
+    kernel; dY for a weight gradient), stride, dtype, thread count): timed once, then looked
+    up (or pinned by ``TRADY_CPU_DEPTHWISE``)."""
     pinned = _path_setting()
     candidates = {"numba": numba_path, "aten": aten_path}
     if pinned != "timed":

@@ -347,7 +347,18 @@ def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, 
 def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
                               weight_shape, stride, padding, dilation, groups: int) -> Tensor:
     """As :func:`reference.conv2d_weight_grad_masked`; a 1x1 conv's as
-    ``sum_n dY[n] @ x_compact[n]^T`` (one batched GEMM and a sum over the batch)."""
+    ``sum_n dY[n] @ x_compact[n]^T`` (one batched GEMM and a sum over the batch); a
+    depthwise conv's by the faster of ``cpu_depthwise.weight_grad_masked`` and the
+    reference (ATen's grouped weight gradient, ~0.4 ms a call even for a few channels)."""
+    if _POINTWISE_GEMM[0] and cpu_depthwise.serves_weight_grad(
+            x_compact, grad_output, idx, weight_shape, stride, padding, dilation, groups):
+        return cpu_depthwise.fastest(
+            "weight_grad", x_compact, grad_output, stride[0],
+            lambda: cpu_depthwise.weight_grad_masked(x_compact, grad_output, idx, weight_shape,
+                                                     stride[0], padding[0]),
+            lambda: reference.conv2d_weight_grad_masked(x_compact, grad_output, idx,
+                                                        weight_shape, stride, padding,
+                                                        dilation, groups))
     if not (idx.numel() and _pointwise_geometry(weight_shape[2:], stride, padding, groups)
             and _gemm_ready(grad_output, x_compact)):
         return reference.conv2d_weight_grad_masked(x_compact, grad_output, idx, weight_shape,
