@@ -17,7 +17,7 @@ do not serve (half precision, non-contiguous tensors, no numba) go to ``referenc
 Pointwise (1x1, stride 1, no padding, one group) convolutions, the bulk of a MobileNet's
 FLOPs, run here as one batched GEMM (``W @ x[n]``) in forward, dX and the masked dW:
 on this CPU that is about 2x faster than oneDNN's convolution for these shapes
-(bench/RESULTS.md, issue 11). Depthwise convolutions (forward and dX) run by the loops
+(bench/RESULTS.md, issue 11). Depthwise convolutions (forward, dX, masked dW) run by the loops
 of ``cpu_depthwise.py`` or by ATen, whichever was faster when first timed for the shape.
 Other convolutions are ATen's.
 """
