@@ -200,8 +200,8 @@ def test_the_rate_rule_keeps_a_margin_from_the_cliff():
     assert ce.failed_rates(results) == set() and ce.pick_rate(results) == 0.05
     # ties go to the smaller rate
     assert ce.pick_rate(_candidates({0.3: 0.5, 0.2: 0.6, 0.1: 0.6})) == 0.1
-    with pytest.raises(ValueError, match=r"lr_candidates=\(0.2, 0.1\): no rate"):
-        ce.pick_rate(_candidates({0.2: 0.6, 0.1: 0.6}, diverged={0.2}))
+    with pytest.raises(ValueError, match=r"full_lr_candidates=\(0.2, 0.1\): no rate"):
+        ce.pick_rate(_candidates({0.2: 0.6, 0.1: 0.6}, diverged={0.2}), "full_lr_candidates")
 
 
 def test_held_out_images_are_disjoint_from_the_fine_tuning_ones(one_thread):
@@ -225,8 +225,9 @@ def test_tiny_converged_plan_searches_then_runs_the_picked_rates_and_resumes(
     records, facts = ce.run_experiment(plan, tmp_path, log=lambda m: None)
     search = facts[MBV3]["lr_search"]
     assert set(search) == {"trady", "full"}
-    for group in search.values():
-        assert [c["lr"] for c in group["candidates"]] == sorted(plan.lr_candidates, reverse=True)
+    for group, grid in (("trady", plan.lr_candidates), ("full", plan.full_lr_candidates)):
+        group = search[group]
+        assert [c["lr"] for c in group["candidates"]] == sorted(grid, reverse=True)
         results = {c["lr"]: {"accuracy": c["heldout_accuracy"], "diverged": c["diverged"]}
                    for c in group["candidates"]}
         assert group["chosen"] == ce.pick_rate(results)
@@ -265,16 +266,22 @@ def test_plan_option_parses_and_bad_values_name_the_parameter(tmp_path, monkeypa
         ce.Plan(settings=(ce.EXACT, "3"))
     with pytest.raises(ValueError, match=r"lr_candidates=.*search_images=0"):
         ce.Plan(lr_candidates=(0.1,))
+    with pytest.raises(ValueError, match=r"full_lr_candidates=\(0.1,\)"):
+        ce.Plan(full_lr_candidates=(0.1,), search_images=8)
 
 
 def test_new_plan_fields_leave_the_short_plans_run_folder_alone():
     short = ce.Plan()
     old_fields = {k: v for k, v in dataclasses.asdict(dataclasses.replace(
         short, seeds=(), nets=())).items()
-        if k not in ("settings", "lr_candidates", "search_images", "search_seed")}
+        if k not in ("settings", "lr_candidates", "full_lr_candidates", "search_images",
+                     "search_seed")}
     import hashlib
     expected = hashlib.sha1(repr(old_fields).encode()).hexdigest()[:10]
     assert short.runs_key(MBV3).endswith(expected)
     assert ce.CONVERGED.runs_key(MBV3) != short.runs_key(MBV3)
+    # a searched plan's files name their rate: a grown grid keeps its finished runs
     assert dataclasses.replace(ce.CONVERGED, lr_candidates=(0.1, 0.05)).runs_key(MBV3) \
+        == ce.CONVERGED.runs_key(MBV3)
+    assert dataclasses.replace(ce.CONVERGED, search_images=256).runs_key(MBV3) \
         != ce.CONVERGED.runs_key(MBV3)

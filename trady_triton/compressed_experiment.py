@@ -91,6 +91,7 @@ class Plan:
     # learning-rate search (off when empty): candidates, tried in exact mode (its rate is then
     # every TraDy setting's) and in full fine-tuning, on search_images held-out train images
     lr_candidates: tuple[float, ...] = ()
+    full_lr_candidates: tuple[float, ...] = ()      # full FT's own grid; empty: lr_candidates
     search_images: int = 0
     search_seed: int = 0
 
@@ -99,11 +100,12 @@ class Plan:
         if bad or not self.settings:
             raise ValueError(f"settings={self.settings!r}: allowed values are "
                              f"{', '.join(SETTINGS)} (at least one)")
-        if self.lr_candidates and (self.search_images <= 0 or
-                                   any(not lr > 0 for lr in self.lr_candidates)):
-            raise ValueError(f"lr_candidates={self.lr_candidates!r}, search_images="
-                             f"{self.search_images}: a search needs positive rates and "
-                             "search_images > 0")
+        rates = self.lr_candidates + self.full_lr_candidates
+        if (self.full_lr_candidates and not self.lr_candidates) or (self.lr_candidates and (
+                self.search_images <= 0 or any(not lr > 0 for lr in rates))):
+            raise ValueError(f"lr_candidates={self.lr_candidates!r}, full_lr_candidates="
+                             f"{self.full_lr_candidates!r}, search_images={self.search_images}: "
+                             "a search needs lr_candidates, positive rates and search_images > 0")
 
     @property
     def searched(self) -> bool:
@@ -116,12 +118,18 @@ class Plan:
         return f"{net}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
 
     def runs_key(self, net: str) -> str:
-        """Folder name of a net's fine-tuning runs: changes with any setting but the seeds."""
+        """Folder name of a net's fine-tuning runs: changes with any setting but the seeds and
+        the rate grids (a searched plan's run files name their rate, so a grid can grow and
+        keep its finished runs)."""
         fields = dataclasses.asdict(dataclasses.replace(self, seeds=(), nets=()))
+        del fields["lr_candidates"], fields["full_lr_candidates"]
+        fields["searched"] = self.searched
         # fields added later count only when changed: the short plan's runs keep their folder
-        for name in ("settings", "lr_candidates", "search_images", "search_seed"):
+        for name in ("settings", "search_images", "search_seed"):
             if fields[name] == getattr(Plan, name):
                 del fields[name]
+        if not fields["searched"]:
+            del fields["searched"]
         return f"{self.pretrain_key(net)}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
 
 
@@ -133,9 +141,12 @@ TINY = Plan(pretrain_images=64, pretrain_epochs=1, pretrain_batch=32, finetune_i
 # issue 14's converged regime: 2x the images, 3x the epochs, searched rates; 8 and 2 bits cut
 # so that both nets (search included) fit in about 50 minutes on one thread
 CONVERGED = Plan(finetune_images=2048, finetune_epochs=6, settings=(EXACT, "4", FULL),
-                 lr_candidates=(0.2, 0.1, 0.05, 0.02, 0.01, 0.005), search_images=512)
+                 lr_candidates=(0.2, 0.1, 0.05, 0.02, 0.01, 0.005),
+                 # full FT on MobileNetV3 diverged at 0.01 and above: its grid reaches lower
+                 full_lr_candidates=(0.02, 0.01, 0.005, 0.002, 0.001), search_images=512)
 TINY_CONVERGED = dataclasses.replace(TINY, settings=CONVERGED.settings,
-                                     lr_candidates=(0.1, 0.05, 0.01), search_images=24)
+                                     lr_candidates=(0.1, 0.05, 0.01),
+                                     full_lr_candidates=(0.005, 0.002, 0.001), search_images=24)
 PLANS = {"short": (Plan(), TINY), "converged": (CONVERGED, TINY_CONVERGED)}
 
 
@@ -338,7 +349,7 @@ def failed_rates(results: dict[float, dict]) -> set[float]:
             if r["diverged"] or r["accuracy"] < COLLAPSE_FRACTION * best}
 
 
-def pick_rate(results: dict[float, dict]) -> float:
+def pick_rate(results: dict[float, dict], parameter: str = "lr_candidates") -> float:
     """The margin rule: the best held-out accuracy among the rates whose next-larger candidate
     neither diverged nor collapsed (nor they themselves). The largest candidate is never
     picked: nothing shows how close it is to the cliff, and a rate next to one did collapse
@@ -346,7 +357,7 @@ def pick_rate(results: dict[float, dict]) -> float:
     rates, failed = sorted(results), failed_rates(results)
     safe = [lr for lr, larger in zip(rates, rates[1:]) if lr not in failed and larger not in failed]
     if not safe:
-        raise ValueError(f"lr_candidates={tuple(sorted(results, reverse=True))}: no rate has a "
+        raise ValueError(f"{parameter}={tuple(sorted(results, reverse=True))}: no rate has a "
                          "stable next-larger candidate; allowed: a grid reaching further up "
                          "or down")
     return max(safe, key=lambda lr: (results[lr]["accuracy"], -lr))
@@ -363,8 +374,10 @@ def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out
     for group, setting in groups.items():
         if setting is None:
             continue
-        results = {}
-        for lr in plan.lr_candidates:
+        results, grid = {}, "lr_candidates"
+        if group == "full" and plan.full_lr_candidates:
+            grid = "full_lr_candidates"
+        for lr in getattr(plan, grid):
             record = _cached_run(
                 folder / f"{setting}_lr{lr:g}.json",
                 lambda: {"net": name, "code": code, **finetune_run(
@@ -374,7 +387,7 @@ def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out
                            "diverged": record["test_loss"] is None or not all(
                                math.isfinite(e["train_loss"]) for e in record["epochs"])}
         failed = failed_rates(results)
-        found[group] = {"setting": setting, "chosen": pick_rate(results),
+        found[group] = {"setting": setting, "chosen": pick_rate(results, grid),
                         "candidates": [{"lr": lr, "heldout_accuracy": r["accuracy"],
                                         "diverged": r["diverged"], "failed": lr in failed}
                                        for lr, r in sorted(results.items(), reverse=True)]}
@@ -505,12 +518,10 @@ def _search_table(summary: dict) -> str:
     rows = []
     for name, groups in summary["lr_search"].items():
         for group in groups.values():
-            cells = [f"{100 * c['heldout_accuracy']:.1f}" + (" (failed)" if c["failed"] else "")
-                     for c in group["candidates"]]
-            rows.append([name, setting_label(group["setting"]), f"{group['chosen']:g}"] + cells)
-    rates = next(iter(summary["lr_search"].values()))
-    header = [f"lr {c['lr']:g}" for c in next(iter(rates.values()))["candidates"]]
-    return markdown_table(["net", "searched in", "picked"] + header, rows)
+            tried = ", ".join(f"{c['lr']:g}: {100 * c['heldout_accuracy']:.1f}"
+                              + (" (failed)" if c["failed"] else "") for c in group["candidates"])
+            rows.append([name, setting_label(group["setting"]), f"{group['chosen']:g}", tried])
+    return markdown_table(["net", "searched in", "picked", "held-out acc % per rate"], rows)
 
 
 def _plan_line(summary: dict) -> str:
