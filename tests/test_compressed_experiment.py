@@ -151,7 +151,7 @@ def test_the_command_writes_markdown_and_json(tmp_path, monkeypatch):
     facts = {MBV3: {"data": "fashion-mnist", "test_accuracy": 0.8125}}
     seen = {}
 
-    def fake_run(plan, out, log):
+    def fake_run(plan, out, log, finished_only=False):
         seen["plan"], seen["out"] = plan, out
         return records, facts
     monkeypatch.setattr(ce, "run_experiment", fake_run)
@@ -243,13 +243,20 @@ def test_tiny_converged_plan_searches_then_runs_the_picked_rates_and_resumes(
     monkeypatch.setattr(ce, "finetune_run", refuse)
     again = ce.run_experiment(plan, tmp_path, log=lambda m: None)
     assert again == (json.loads(json.dumps(records)), json.loads(json.dumps(facts)))
+    # finished_only: a missing run is left out, not run
+    (tmp_path / "runs" / plan.runs_key(MBV3) / f"4_s0_lr{search['trady']['chosen']:g}.json").unlink()
+    partial, _ = ce.run_experiment(plan, tmp_path, log=lambda m: None, finished_only=True)
+    assert sorted(r["setting"] for r in partial) == [ce.EXACT, ce.FULL]
+    next((tmp_path / "search" / plan.runs_key(MBV3)).glob("exact_lr*.json")).unlink()
+    with pytest.raises(ValueError, match=r"finished_only: the rate search"):
+        ce.run_experiment(plan, tmp_path, log=lambda m: None, finished_only=True)
 
 
 def test_plan_option_parses_and_bad_values_name_the_parameter(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def fake_run(plan, out, log):
-        seen["plan"] = plan
+    def fake_run(plan, out, log, finished_only):
+        seen["plan"], seen["finished_only"] = plan, finished_only
         return [], {}
     monkeypatch.setattr(ce, "run_experiment", fake_run)
     assert ce.main(["--plan", "converged", "--out", str(tmp_path)]) == 0
@@ -257,6 +264,8 @@ def test_plan_option_parses_and_bad_values_name_the_parameter(tmp_path, monkeypa
     assert ce.main(["--plan", "converged", "--tiny", "--out", str(tmp_path)]) == 0
     assert seen["plan"] == ce.TINY_CONVERGED
     assert ce.main(["--out", str(tmp_path)]) == 0 and seen["plan"] == ce.Plan()
+    assert not seen["finished_only"]
+    assert ce.main(["--finished-only", "--out", str(tmp_path)]) == 0 and seen["finished_only"]
     with pytest.raises(SystemExit):
         ce.main(["--plan", "long"])
     assert "--plan" in capsys.readouterr().err

@@ -324,10 +324,13 @@ def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ran
             "wall_s": time.perf_counter() - started}
 
 
-def _cached_run(path: Path, run: Callable[[], dict], log, what: str) -> dict:
-    """The record in ``path`` when there (resume), else ``run()``'s, written there."""
+def _cached_run(path: Path, run: Callable[[], dict] | None, log, what: str) -> dict | None:
+    """The record in ``path`` when there (resume), else ``run()``'s, written there; None when
+    missing and ``run`` is None (summarize the finished runs only)."""
     if path.is_file():
         return json.loads(path.read_text())
+    if run is None:
+        return None
     record = run()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -364,7 +367,7 @@ def pick_rate(results: dict[float, dict], parameter: str = "lr_candidates") -> f
 
 
 def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out: Path,
-                 log=print) -> dict:
+                 log=print, finished_only: bool = False) -> dict:
     """Per search group (TraDy: tried in exact mode; full FT): every candidate's held-out
     accuracy, one seed, each run cached under ``out/search/``; and the rate picked."""
     code, found = code_version(), {}
@@ -379,10 +382,13 @@ def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out
             grid = "full_lr_candidates"
         for lr in getattr(plan, grid):
             record = _cached_run(
-                folder / f"{setting}_lr{lr:g}.json",
+                folder / f"{setting}_lr{lr:g}.json", None if finished_only else
                 lambda: {"net": name, "code": code, **finetune_run(
                     pretrained, setting, plan.search_seed, plan, ranking, train, heldout, lr)},
                 log, f"search {name} {setting} lr {lr:g} (held-out)")
+            if record is None:       # the rate picked needs every candidate
+                raise ValueError(f"finished_only: the rate search of {name} ({setting}, lr "
+                                 f"{lr:g}) has not run; allowed: a run without it first")
             results[lr] = {"accuracy": record["test_accuracy"],
                            "diverged": record["test_loss"] is None or not all(
                                math.isfinite(e["train_loss"]) for e in record["epochs"])}
@@ -394,8 +400,10 @@ def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out
     return found
 
 
-def run_experiment(plan: Plan, out: Path, log=print) -> tuple[list[dict], dict]:
-    """Every (net, setting, seed) run, seed-major; finished runs (their JSON) are skipped.
+def run_experiment(plan: Plan, out: Path, log=print,
+                   finished_only: bool = False) -> tuple[list[dict], dict]:
+    """Every (net, setting, seed) run, seed-major; finished runs (their JSON) are skipped
+    (``finished_only``: only those are returned, nothing is fine-tuned).
     Returns the run records and, per net, the pretrained net's test accuracy (and, for a
     searched plan, the rate search under "lr_search")."""
     out, code, facts = Path(out), code_version(), {}
@@ -410,17 +418,19 @@ def run_experiment(plan: Plan, out: Path, log=print) -> tuple[list[dict], dict]:
         rates = {}
         if plan.searched:
             facts[name]["lr_search"] = search_rates(name, pretrained, plan, ranking, train,
-                                                    heldout, out, log)
+                                                    heldout, out, log, finished_only)
             rates = {g: s["chosen"] for g, s in facts[name]["lr_search"].items()}
         for seed in plan.seeds:
             for setting in plan.settings:
                 lr = rates.get("full" if setting == FULL else "trady")
                 suffix = "" if lr is None else f"_lr{lr:g}"
                 path = out / "runs" / plan.runs_key(name) / f"{setting}_s{seed}{suffix}.json"
-                records.append(_cached_run(
-                    path, lambda: {"net": name, "code": code, **finetune_run(
-                        pretrained, setting, seed, plan, ranking, train, test, lr)},
-                    log, f"{name} {setting} seed {seed}"))
+                record = _cached_run(
+                    path, None if finished_only else lambda: {"net": name, "code": code, **(
+                        finetune_run(pretrained, setting, seed, plan, ranking, train, test, lr))},
+                    log, f"{name} {setting} seed {seed}")
+                if record is not None:
+                    records.append(record)
     return records, facts
 
 
@@ -584,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nets", nargs="+", choices=tuple(NETS),
                         help="only these nets (e.g. one per process; the summary covers them)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="fine-tune nothing: summarize the runs already finished")
     return parser
 
 
@@ -597,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, nets=tuple(args.nets))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True))
+    records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True),
+                                         finished_only=args.finished_only)
     summary = summarize(records, plan, pretrained)
     summary["command"] = "trady-experiments compressed " + shlex.join(argv)
     summary["wall_s_this_call"] = time.perf_counter() - started
