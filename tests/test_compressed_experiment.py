@@ -151,7 +151,7 @@ def test_the_command_writes_markdown_and_json(tmp_path, monkeypatch):
     facts = {MBV3: {"data": "fashion-mnist", "test_accuracy": 0.8125}}
     seen = {}
 
-    def fake_run(plan, out, log):
+    def fake_run(plan, out, log, finished_only=False):
         seen["plan"], seen["out"] = plan, out
         return records, facts
     monkeypatch.setattr(ce, "run_experiment", fake_run)
@@ -178,3 +178,119 @@ def test_a_diverged_ranking_is_refused_naming_the_rate(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"rank_lr=0.005: .*diverged"):
         ce.layer_ranking(MBV3, net, ce.Plan(rank_steps=1, batch=4), (x, y), tmp_path)
     assert not (tmp_path / "rankings").exists() or not any((tmp_path / "rankings").iterdir())
+
+
+# ------------------------------------------------------------------------- converged plan
+
+def _candidates(accuracies: dict, diverged=()):
+    return {lr: {"accuracy": a, "diverged": lr in diverged} for lr, a in accuracies.items()}
+
+
+def test_the_rate_rule_keeps_a_margin_from_the_cliff():
+    # 0.2 collapsed (below half of the best): 0.1, the best, sits next to it and is passed over
+    results = _candidates({0.2: 0.10, 0.1: 0.60, 0.05: 0.55, 0.02: 0.50, 0.01: 0.40})
+    assert ce.failed_rates(results) == {0.2}
+    assert ce.pick_rate(results) == 0.05
+    # a divergent rate is a cliff too, whatever its accuracy reads
+    results = _candidates({0.2: 0.70, 0.1: 0.65, 0.05: 0.60, 0.02: 0.58}, diverged={0.1})
+    assert ce.failed_rates(results) == {0.1}
+    assert ce.pick_rate(results) == 0.02
+    # all stable: the largest candidate is never picked, even as the best (no known margin)
+    results = _candidates({0.2: 0.80, 0.1: 0.70, 0.05: 0.75, 0.02: 0.72})
+    assert ce.failed_rates(results) == set() and ce.pick_rate(results) == 0.05
+    # ties go to the smaller rate
+    assert ce.pick_rate(_candidates({0.3: 0.5, 0.2: 0.6, 0.1: 0.6})) == 0.1
+    with pytest.raises(ValueError, match=r"full_lr_candidates=\(0.2, 0.1\): no rate"):
+        ce.pick_rate(_candidates({0.2: 0.6, 0.1: 0.6}, diverged={0.2}), "full_lr_candidates")
+
+
+def test_held_out_images_are_disjoint_from_the_fine_tuning_ones(one_thread):
+    _require_data()
+    plan = ce.TINY_CONVERGED
+    (x, y), (hx, hy) = ce.finetune_splits(plan)
+    assert len(x) == plan.finetune_images and len(hx) == plan.search_images
+    flat, held = x.flatten(1), hx.flatten(1)
+    assert not (flat[:, None, :] == held[None, :, :]).all(-1).any()
+    assert len(set(hy.tolist())) == ce.NUM_CLASSES          # stratified: every class held out
+    # without a search nothing is held out and the short plan's images are unchanged
+    (sx, _), none = ce.finetune_splits(ce.TINY)
+    assert none is None and torch.equal(sx, ce.load_split("mnist", "train", ce.TINY,
+                                                          ce.TINY.finetune_images)[0])
+
+
+def test_tiny_converged_plan_searches_then_runs_the_picked_rates_and_resumes(
+        tmp_path, one_thread, monkeypatch):
+    _require_data()
+    plan = dataclasses.replace(ce.TINY_CONVERGED, nets=(MBV3,), seeds=(0,))
+    records, facts = ce.run_experiment(plan, tmp_path, log=lambda m: None)
+    search = facts[MBV3]["lr_search"]
+    assert set(search) == {"trady", "full"}
+    for group, grid in (("trady", plan.lr_candidates), ("full", plan.full_lr_candidates)):
+        group = search[group]
+        assert [c["lr"] for c in group["candidates"]] == sorted(grid, reverse=True)
+        results = {c["lr"]: {"accuracy": c["heldout_accuracy"], "diverged": c["diverged"]}
+                   for c in group["candidates"]}
+        assert group["chosen"] == ce.pick_rate(results)
+    assert sorted(r["setting"] for r in records) == sorted(plan.settings)
+    for r in records:
+        assert r["lr"] == search["full" if r["setting"] == ce.FULL else "trady"]["chosen"]
+    summary = ce.summarize(records, plan, facts)
+    assert summary["lr_search"] == {MBV3: search} and "lr_search" not in summary["pretrained"][MBV3]
+    assert "picked" in ce.format_markdown(summary)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+    monkeypatch.setattr(ce, "finetune_run", refuse)
+    again = ce.run_experiment(plan, tmp_path, log=lambda m: None)
+    assert again == (json.loads(json.dumps(records)), json.loads(json.dumps(facts)))
+    # finished_only: a missing run is left out, not run
+    (tmp_path / "runs" / plan.runs_key(MBV3) / f"4_s0_lr{search['trady']['chosen']:g}.json").unlink()
+    partial, _ = ce.run_experiment(plan, tmp_path, log=lambda m: None, finished_only=True)
+    assert sorted(r["setting"] for r in partial) == [ce.EXACT, ce.FULL]
+    next((tmp_path / "search" / plan.runs_key(MBV3)).glob("exact_lr*.json")).unlink()
+    with pytest.raises(ValueError, match=r"finished_only: the rate search"):
+        ce.run_experiment(plan, tmp_path, log=lambda m: None, finished_only=True)
+
+
+def test_plan_option_parses_and_bad_values_name_the_parameter(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_run(plan, out, log, finished_only):
+        seen["plan"], seen["finished_only"] = plan, finished_only
+        return [], {}
+    monkeypatch.setattr(ce, "run_experiment", fake_run)
+    assert ce.main(["--plan", "converged", "--out", str(tmp_path)]) == 0
+    assert seen["plan"] == ce.CONVERGED and seen["plan"].settings == (ce.EXACT, "4", ce.FULL)
+    assert ce.main(["--plan", "converged", "--tiny", "--out", str(tmp_path)]) == 0
+    assert seen["plan"] == ce.TINY_CONVERGED
+    assert ce.main(["--out", str(tmp_path)]) == 0 and seen["plan"] == ce.Plan()
+    assert not seen["finished_only"]
+    assert ce.main(["--finished-only", "--out", str(tmp_path)]) == 0 and seen["finished_only"]
+    with pytest.raises(SystemExit):
+        ce.main(["--plan", "long"])
+    assert "--plan" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"plan='long'.*allowed values are short, converged"):
+        ce.plan_named("long")
+    with pytest.raises(ValueError, match=r"settings=\('exact', '3'\).*allowed values"):
+        ce.Plan(settings=(ce.EXACT, "3"))
+    with pytest.raises(ValueError, match=r"lr_candidates=.*search_images=0"):
+        ce.Plan(lr_candidates=(0.1,))
+    with pytest.raises(ValueError, match=r"full_lr_candidates=\(0.1,\)"):
+        ce.Plan(full_lr_candidates=(0.1,), search_images=8)
+
+
+def test_new_plan_fields_leave_the_short_plans_run_folder_alone():
+    short = ce.Plan()
+    old_fields = {k: v for k, v in dataclasses.asdict(dataclasses.replace(
+        short, seeds=(), nets=())).items()
+        if k not in ("settings", "lr_candidates", "full_lr_candidates", "search_images",
+                     "search_seed")}
+    import hashlib
+    expected = hashlib.sha1(repr(old_fields).encode()).hexdigest()[:10]
+    assert short.runs_key(MBV3).endswith(expected)
+    assert ce.CONVERGED.runs_key(MBV3) != short.runs_key(MBV3)
+    # a searched plan's files name their rate: a grown grid keeps its finished runs
+    assert dataclasses.replace(ce.CONVERGED, lr_candidates=(0.1, 0.05)).runs_key(MBV3) \
+        == ce.CONVERGED.runs_key(MBV3)
+    assert dataclasses.replace(ce.CONVERGED, search_images=256).runs_key(MBV3) \
+        != ce.CONVERGED.runs_key(MBV3)

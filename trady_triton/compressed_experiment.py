@@ -12,6 +12,11 @@ writes one JSON under ``OUT/runs/``; a re-run skips finished runs (resumable). T
 reuses :func:`trady_triton.experiments.paired_statistics` (t interval, sign test).
 :func:`gradient_cosines` is the per-layer cosine between compressed and exact weight
 gradients that the ``compressed_mode`` notebook plots.
+
+``--plan converged`` (:data:`CONVERGED`) is a longer regime, with exact mode, 4 bits and full
+fine-tuning only, whose learning rates come from a one-seed search on held-out MNIST training
+images disjoint from the fine-tuning ones (:func:`search_rates`, :func:`pick_rate`); the
+test set is used only for the final numbers.
 """
 
 from __future__ import annotations
@@ -82,6 +87,29 @@ class Plan:
     rank_steps: int = 20
     rank_lr: float = 0.005      # plain SGD of every layer: at 0.05 MobileNetV3's RGN became NaN
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    settings: tuple[str, ...] = SETTINGS
+    # learning-rate search (off when empty): candidates, tried in exact mode (its rate is then
+    # every TraDy setting's) and in full fine-tuning, on search_images held-out train images
+    lr_candidates: tuple[float, ...] = ()
+    full_lr_candidates: tuple[float, ...] = ()      # full FT's own grid; empty: lr_candidates
+    search_images: int = 0
+    search_seed: int = 0
+
+    def __post_init__(self):
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise ValueError(f"settings={self.settings!r}: allowed values are "
+                             f"{', '.join(SETTINGS)} (at least one)")
+        rates = self.lr_candidates + self.full_lr_candidates
+        if (self.full_lr_candidates and not self.lr_candidates) or (self.lr_candidates and (
+                self.search_images <= 0 or any(not lr > 0 for lr in rates))):
+            raise ValueError(f"lr_candidates={self.lr_candidates!r}, full_lr_candidates="
+                             f"{self.full_lr_candidates!r}, search_images={self.search_images}: "
+                             "a search needs lr_candidates, positive rates and search_images > 0")
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.lr_candidates)
 
     def pretrain_key(self, net: str) -> str:
         """Cache name of a pretrained net: changes whenever its pretraining would."""
@@ -90,8 +118,18 @@ class Plan:
         return f"{net}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
 
     def runs_key(self, net: str) -> str:
-        """Folder name of a net's fine-tuning runs: changes with any setting but the seeds."""
+        """Folder name of a net's fine-tuning runs: changes with any setting but the seeds and
+        the rate grids (a searched plan's run files name their rate, so a grid can grow and
+        keep its finished runs)."""
         fields = dataclasses.asdict(dataclasses.replace(self, seeds=(), nets=()))
+        del fields["lr_candidates"], fields["full_lr_candidates"]
+        fields["searched"] = self.searched
+        # fields added later count only when changed: the short plan's runs keep their folder
+        for name in ("settings", "search_images", "search_seed"):
+            if fields[name] == getattr(Plan, name):
+                del fields[name]
+        if not fields["searched"]:
+            del fields["searched"]
         return f"{self.pretrain_key(net)}_{hashlib.sha1(repr(fields).encode()).hexdigest()[:10]}"
 
 
@@ -99,6 +137,24 @@ class Plan:
 TINY = Plan(pretrain_images=64, pretrain_epochs=1, pretrain_batch=32, finetune_images=48,
             test_images=40, finetune_epochs=1, batch=16, rank_steps=2, seeds=(0, 1),
             resolution=32)
+
+# issue 14's converged regime: 2x the images, 3x the epochs, searched rates; 8 and 2 bits cut
+# so that both nets (search included) fit in about 50 minutes on one thread
+CONVERGED = Plan(finetune_images=2048, finetune_epochs=6, settings=(EXACT, "4", FULL),
+                 lr_candidates=(0.2, 0.1, 0.05, 0.02, 0.01, 0.005),
+                 # full FT on MobileNetV3 diverged at 0.01 and above: its grid reaches lower
+                 full_lr_candidates=(0.02, 0.01, 0.005, 0.002, 0.001), search_images=512)
+TINY_CONVERGED = dataclasses.replace(TINY, settings=CONVERGED.settings,
+                                     lr_candidates=(0.1, 0.05, 0.01),
+                                     full_lr_candidates=(0.005, 0.002, 0.001), search_images=24)
+PLANS = {"short": (Plan(), TINY), "converged": (CONVERGED, TINY_CONVERGED)}
+
+
+def plan_named(name: str, tiny: bool = False) -> Plan:
+    """The plan ``--plan NAME`` runs (its seconds-sized version with ``tiny``)."""
+    if name not in PLANS:
+        raise ValueError(f"plan={name!r}: allowed values are {', '.join(PLANS)}")
+    return PLANS[name][1 if tiny else 0]
 
 
 def build_net(name: str) -> nn.Module:
@@ -112,6 +168,20 @@ def load_split(data: str, split: str, plan: Plan, images: int):
     from .data import load_dataset
     ds = load_dataset(data, split, plan.resolution, subset=images, seed=0)
     return ds.images.contiguous(), ds.labels
+
+
+def finetune_splits(plan: Plan):
+    """(fine-tuning images, held-out images or None), both from ``plan.finetune_data``'s
+    training split. With a search, one stratified pool of both sizes is drawn and a seeded
+    stratified part of it held out: the two sets are disjoint by construction."""
+    if not plan.searched:
+        return load_split(plan.finetune_data, "train", plan, plan.finetune_images), None
+    from .data import stratified_subset
+
+    x, y = load_split(plan.finetune_data, "train", plan, plan.finetune_images + plan.search_images)
+    held = torch.zeros(len(y), dtype=torch.bool)
+    held[torch.from_numpy(stratified_subset(y.numpy(), plan.search_images, seed=1))] = True
+    return (x[~held], y[~held]), (x[held], y[held])
 
 
 # ------------------------------------------------------------------------- pretraining
@@ -216,8 +286,9 @@ def _convert(model, setting: str, seed: int, plan: Plan, ranking, example):
 
 
 def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ranking,
-                 train, test) -> dict:
-    """One fine-tuning run: SGD with warm-up + cosine, ``controller.resample`` per epoch.
+                 train, test, lr: float | None = None) -> dict:
+    """One fine-tuning run: SGD with warm-up + cosine, ``controller.resample`` per epoch;
+    ``lr`` overrides the plan's rate (``plan.full_lr`` for full FT, else ``plan.lr``).
 
     Seeds fix the classifier's init, the channel draws, the batch order and the global RNG
     (dropout, any random rounding), so runs of the same seed differ only by their setting."""
@@ -230,7 +301,8 @@ def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ran
     model = with_fresh_classifier(pretrained, seed)
     plain_bytes = measure_plain_full_finetune(copy.deepcopy(model), x[:plan.batch])
     controller = _convert(model, setting, seed, plan, ranking, x[:plan.batch])
-    lr = plan.full_lr if setting == FULL else plan.lr
+    if lr is None:
+        lr = plan.full_lr if setting == FULL else plan.lr
     optimizer = torch.optim.SGD([p for p in model.parameters()], lr=lr, momentum=0.9)
     steps = plan.finetune_epochs * -(-len(x) // plan.batch)
     scheduler = warmup_cosine(optimizer, steps, max(steps // 10, 1))
@@ -252,32 +324,114 @@ def finetune_run(pretrained: nn.Module, setting: str, seed: int, plan: Plan, ran
             "wall_s": time.perf_counter() - started}
 
 
-def run_experiment(plan: Plan, out: Path, log=print) -> tuple[list[dict], dict]:
-    """Every (net, setting, seed) run, seed-major; finished runs (their JSON) are skipped.
-    Returns the run records and, per net, the pretrained net's test accuracy."""
-    out, code, pretrained_facts = Path(out), code_version(), {}
-    train = load_split(plan.finetune_data, "train", plan, plan.finetune_images)
+def _cached_run(path: Path, run: Callable[[], dict] | None, log, what: str) -> dict | None:
+    """The record in ``path`` when there (resume), else ``run()``'s, written there; None when
+    missing and ``run`` is None (summarize the finished runs only)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    if run is None:
+        return None
+    record = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    log(f"{what}: {100 * record['test_accuracy']:.2f}% ({record['wall_s']:.1f} s)")
+    return record
+
+
+# a candidate rate "collapsed" when its held-out accuracy is below this fraction of the best
+# candidate's: a finite loss that learned far less (the ViT at 0.2 fell to chance level in
+# exact mode) marks the edge of the stable range as surely as a NaN does
+COLLAPSE_FRACTION = 0.5
+
+
+def failed_rates(results: dict[float, dict]) -> set[float]:
+    """The rates of ``results`` (rate -> {"accuracy", "diverged"}) that diverged (non-finite
+    loss) or collapsed (accuracy < COLLAPSE_FRACTION x the best)."""
+    best = max(r["accuracy"] for r in results.values())
+    return {lr for lr, r in results.items()
+            if r["diverged"] or r["accuracy"] < COLLAPSE_FRACTION * best}
+
+
+def pick_rate(results: dict[float, dict], parameter: str = "lr_candidates") -> float:
+    """The margin rule: the best held-out accuracy among the rates whose next-larger candidate
+    neither diverged nor collapsed (nor they themselves). The largest candidate is never
+    picked: nothing shows how close it is to the cliff, and a rate next to one did collapse
+    a 4-bit seed (ViT, 0.1 next to 0.2). Ties go to the smaller rate."""
+    rates, failed = sorted(results), failed_rates(results)
+    safe = [lr for lr, larger in zip(rates, rates[1:]) if lr not in failed and larger not in failed]
+    if not safe:
+        raise ValueError(f"{parameter}={tuple(sorted(results, reverse=True))}: no rate has a "
+                         "stable next-larger candidate; allowed: a grid reaching further up "
+                         "or down")
+    return max(safe, key=lambda lr: (results[lr]["accuracy"], -lr))
+
+
+def search_rates(name: str, pretrained, plan: Plan, ranking, train, heldout, out: Path,
+                 log=print, finished_only: bool = False) -> dict:
+    """Per search group (TraDy: tried in exact mode; full FT): every candidate's held-out
+    accuracy, one seed, each run cached under ``out/search/``; and the rate picked."""
+    code, found = code_version(), {}
+    folder = out / "search" / plan.runs_key(name)
+    groups = {"trady": EXACT if set(plan.settings) - {FULL} else None,
+              "full": FULL if FULL in plan.settings else None}
+    for group, setting in groups.items():
+        if setting is None:
+            continue
+        results, grid = {}, "lr_candidates"
+        if group == "full" and plan.full_lr_candidates:
+            grid = "full_lr_candidates"
+        for lr in getattr(plan, grid):
+            record = _cached_run(
+                folder / f"{setting}_lr{lr:g}.json", None if finished_only else
+                lambda: {"net": name, "code": code, **finetune_run(
+                    pretrained, setting, plan.search_seed, plan, ranking, train, heldout, lr)},
+                log, f"search {name} {setting} lr {lr:g} (held-out)")
+            if record is None:       # the rate picked needs every candidate
+                raise ValueError(f"finished_only: the rate search of {name} ({setting}, lr "
+                                 f"{lr:g}) has not run; allowed: a run without it first")
+            results[lr] = {"accuracy": record["test_accuracy"],
+                           "diverged": record["test_loss"] is None or not all(
+                               math.isfinite(e["train_loss"]) for e in record["epochs"])}
+        failed = failed_rates(results)
+        found[group] = {"setting": setting, "chosen": pick_rate(results, grid),
+                        "candidates": [{"lr": lr, "heldout_accuracy": r["accuracy"],
+                                        "diverged": r["diverged"], "failed": lr in failed}
+                                       for lr, r in sorted(results.items(), reverse=True)]}
+    return found
+
+
+def run_experiment(plan: Plan, out: Path, log=print,
+                   finished_only: bool = False) -> tuple[list[dict], dict]:
+    """Every (net, setting, seed) run, seed-major; finished runs (their JSON) are skipped
+    (``finished_only``: only those are returned, nothing is fine-tuned).
+    Returns the run records and, per net, the pretrained net's test accuracy (and, for a
+    searched plan, the rate search under "lr_search")."""
+    out, code, facts = Path(out), code_version(), {}
+    train, heldout = finetune_splits(plan)
     test = load_split(plan.finetune_data, "test", plan, plan.test_images)
     records = []
     for name in plan.nets:
         pretrained = pretrain(name, plan, out, log)
         ranking = layer_ranking(name, pretrained, plan, train, out)
-        pretrained_facts[name] = {"data": plan.pretrain_data, "test_accuracy":
-                                  pretrained_accuracy(name, pretrained, plan, out)}
+        facts[name] = {"data": plan.pretrain_data, "test_accuracy":
+                       pretrained_accuracy(name, pretrained, plan, out)}
+        rates = {}
+        if plan.searched:
+            facts[name]["lr_search"] = search_rates(name, pretrained, plan, ranking, train,
+                                                    heldout, out, log, finished_only)
+            rates = {g: s["chosen"] for g, s in facts[name]["lr_search"].items()}
         for seed in plan.seeds:
-            for setting in SETTINGS:
-                path = out / "runs" / plan.runs_key(name) / f"{setting}_s{seed}.json"
-                if path.is_file():
-                    records.append(json.loads(path.read_text()))
-                    continue
-                record = {"net": name, "code": code,
-                          **finetune_run(pretrained, setting, seed, plan, ranking, train, test)}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(record, indent=1) + "\n")
-                log(f"{name} {setting} seed {seed}: {100 * record['test_accuracy']:.2f}% "
-                    f"({record['wall_s']:.1f} s)")
-                records.append(record)
-    return records, pretrained_facts
+            for setting in plan.settings:
+                lr = rates.get("full" if setting == FULL else "trady")
+                suffix = "" if lr is None else f"_lr{lr:g}"
+                path = out / "runs" / plan.runs_key(name) / f"{setting}_s{seed}{suffix}.json"
+                record = _cached_run(
+                    path, None if finished_only else lambda: {"net": name, "code": code, **(
+                        finetune_run(pretrained, setting, seed, plan, ranking, train, test, lr))},
+                    log, f"{name} {setting} seed {seed}")
+                if record is not None:
+                    records.append(record)
+    return records, facts
 
 
 # ------------------------------------------------------------------------- summary
@@ -290,7 +444,7 @@ def summarize(records: list[dict], plan: Plan, pretrained: dict | None = None) -
     rows, comparisons = [], []
     for name in plan.nets:
         by_setting = {s: {r["seed"]: r for r in records if r["net"] == name and r["setting"] == s}
-                      for s in SETTINGS}
+                      for s in plan.settings}
         for setting, runs in by_setting.items():
             if not runs:
                 continue
@@ -304,16 +458,20 @@ def summarize(records: list[dict], plan: Plan, pretrained: dict | None = None) -
                                                  for r in runs.values()),
                          "plain_full_finetune_bytes": first["plain_full_finetune_bytes"],
                          "lr": first["lr"]})
-        exact = by_setting[EXACT]
-        for setting in SETTINGS[1:]:
+        exact = by_setting.get(EXACT, {})
+        for setting in (s for s in plan.settings if s != EXACT):
             common = sorted(set(exact) & set(by_setting[setting]))
             diffs = [by_setting[setting][s]["test_accuracy"] - exact[s]["test_accuracy"]
                      for s in common]
             if diffs:
                 comparisons.append({"net": name, "setting": setting, "seeds": common,
                                     "diffs": diffs, "stats": paired_statistics(diffs)})
+    pretrained = pretrained or {}
     return {"format": FORMAT, "version": 1, "plan": dataclasses.asdict(plan),
-            "runs": len(records), "pretrained": pretrained or {},
+            "runs": len(records),
+            "pretrained": {n: {k: v for k, v in f.items() if k != "lr_search"}
+                           for n, f in pretrained.items()},
+            "lr_search": {n: f["lr_search"] for n, f in pretrained.items() if "lr_search" in f},
             "code": sorted({r.get("code", "unrecorded") for r in records}),
             "rows": rows, "comparisons": comparisons}
 
@@ -347,8 +505,33 @@ def format_markdown(summary: dict) -> str:
                       f"{st['wins']}/{st['losses']}/{st['ties']}", f"{st['sign_test_p']:.3f}"])
     paired = markdown_table(["net", "difference", "mean points", "95 % t interval",
                              "wins/losses/ties", "sign test p"], diffs)
-    return "\n\n".join([_plan_line(summary), table,
-                        "Same-seed differences against exact mode (accuracy points):", paired])
+    parts = [_plan_line(summary), table,
+             "Same-seed differences against exact mode (accuracy points):", paired]
+    if summary.get("lr_search"):
+        parts += [_search_line(summary), _search_table(summary)]
+    return "\n\n".join(parts)
+
+
+def _search_line(summary: dict) -> str:
+    p = summary["plan"]
+    return (f"Learning rates: searched on {p['search_images']} held-out {p['finetune_data']} "
+            f"training images (disjoint from the fine-tuning ones), seed {p['search_seed']}, "
+            f"the same epochs; exact mode's rate is every TraDy setting's. Picked: the best "
+            f"held-out accuracy among the rates whose next-larger candidate neither diverged nor "
+            f"collapsed (held-out accuracy < {COLLAPSE_FRACTION:g} x the best); "
+            f"failed = diverged or collapsed.")
+
+
+def _search_table(summary: dict) -> str:
+    from .tables import markdown_table
+
+    rows = []
+    for name, groups in summary["lr_search"].items():
+        for group in groups.values():
+            tried = ", ".join(f"{c['lr']:g}: {100 * c['heldout_accuracy']:.1f}"
+                              + (" (failed)" if c["failed"] else "") for c in group["candidates"])
+            rows.append([name, setting_label(group["setting"]), f"{group['chosen']:g}", tried])
+    return markdown_table(["net", "searched in", "picked", "held-out acc % per rate"], rows)
 
 
 def _plan_line(summary: dict) -> str:
@@ -401,26 +584,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pretrained nets, rankings and one JSON per run (resumable)")
     parser.add_argument("--markdown", help="write the tables here (default: print)")
     parser.add_argument("--json", help="write the summary JSON here")
+    parser.add_argument("--plan", default="short", choices=tuple(PLANS),
+                        help="short: 1024 images, 2 epochs, fixed rates (default); converged: "
+                             "2048 images, 6 epochs, exact/4-bit/full, searched rates")
     parser.add_argument("--tiny", action="store_true",
-                        help="seconds-sized plan (checks the code path; numbers meaningless)")
+                        help="seconds-sized version of the plan (checks the code path; "
+                             "numbers meaningless)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
     parser.add_argument("--nets", nargs="+", choices=tuple(NETS),
                         help="only these nets (e.g. one per process; the summary covers them)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="fine-tune nothing: summarize the runs already finished")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    plan = TINY if args.tiny else Plan()
+    plan = plan_named(args.plan, args.tiny)
     if args.seeds:
         plan = dataclasses.replace(plan, seeds=tuple(args.seeds))
     if args.nets:
         plan = dataclasses.replace(plan, nets=tuple(args.nets))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True))
+    records, pretrained = run_experiment(plan, Path(args.out), log=lambda m: print(m, flush=True),
+                                         finished_only=args.finished_only)
     summary = summarize(records, plan, pretrained)
     summary["command"] = "trady-experiments compressed " + shlex.join(argv)
     summary["wall_s_this_call"] = time.perf_counter() - started
