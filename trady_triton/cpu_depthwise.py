@@ -58,27 +58,38 @@ def _pair(v) -> tuple | None:
     return None if isinstance(v, str) else tuple(v)
 
 
+def _depthwise_geometry(weight_shape, stride, padding, dilation, groups: int) -> bool:
+    """Multiplier-1 depthwise, square odd kernel, stride (1, 1) or (2, 2), dilation 1,
+    padding (p, p) with 0 <= p < kernel size: what every loop here takes. The depthwise
+    test first: most convs stop there."""
+    weight_shape = tuple(weight_shape)
+    if len(weight_shape) != 4 or weight_shape[1] != 1 or groups != weight_shape[0]:
+        return False
+    k = weight_shape[2]
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return (weight_shape[3] == k and k % 2 == 1 and stride in ((1, 1), (2, 2))
+            and dilation == (1, 1) and padding is not None and padding[0] == padding[1]
+            and 0 <= padding[0] < k)
+
+
+def _loops_usable() -> bool:
+    """numba is there, and no compile trace or CPU autocast is active."""
+    return not (numba is None or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu"))
+
+
 def serves(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
            groups: int) -> bool:
     """Whether the loops here compute this conv (``x`` the input, or dY for dX): CPU,
-    float32/64 in one dtype, contiguous NCHW, multiplier-1 depthwise, square odd kernel,
-    stride (1, 1) or (2, 2), dilation 1, padding (p, p) with 0 <= p < kernel size."""
-    if weight.dim() != 4 or weight.shape[1] != 1 or groups != weight.shape[0]:
-        return False     # not depthwise: the cheap test first, most convs stop here
-    if numba is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    float32/64 in one dtype, contiguous NCHW, the geometry of :func:`_depthwise_geometry`."""
+    if not (weight.dim() == 4 and _depthwise_geometry(weight.shape, stride, padding, dilation,
+                                                      groups) and _loops_usable()):
         return False
     tensors = [x, weight] + ([] if bias is None else [bias])
-    if not (x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() == 4 and x.numel() > 0
+    return (x.device.type == "cpu" and x.dtype in _FLOATS and x.dim() == 4 and x.numel() > 0
+            and x.shape[1] == groups
             and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous()
-                    for t in tensors)):
-        return False
-    k = weight.shape[-1]
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    return (weight.dim() == 4 and weight.shape[1] == 1 and groups == weight.shape[0]
-            == x.shape[1] and weight.shape[2] == k and k % 2 == 1
-            and stride in ((1, 1), (2, 2)) and dilation == (1, 1)
-            and padding is not None and padding[0] == padding[1] and 0 <= padding[0] < k)
-
+                    for t in tensors))
 
 if numba is not None:
     @njit(inline="always")
@@ -336,19 +347,11 @@ def input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride: int, pad: int,
 
 def serves_weight_grad(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_shape,
                        stride, padding, dilation, groups: int) -> bool:
-    """Whether :func:`weight_grad_masked` computes this masked dW: the geometry
-    :func:`serves` takes, ``x_compact`` holding the input channels ``idx`` of the input
-    whose conv gave the full dY ``grad_y``."""
-    weight_shape = tuple(weight_shape)
-    if len(weight_shape) != 4 or weight_shape[1] != 1 or groups != weight_shape[0]:
-        return False
-    if numba is None or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
-    k = weight_shape[2]
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if not (weight_shape[3] == k and k % 2 == 1 and stride in ((1, 1), (2, 2))
-            and dilation == (1, 1) and padding is not None and padding[0] == padding[1]
-            and 0 <= padding[0] < k):
+    """Whether :func:`weight_grad_masked` computes this masked dW: the geometry of
+    :func:`_depthwise_geometry`, ``x_compact`` holding the input channels ``idx`` of the
+    input whose conv gave the full dY ``grad_y``."""
+    if not (_depthwise_geometry(weight_shape, stride, padding, dilation, groups)
+            and _loops_usable()):
         return False
     tensors = (x_compact, grad_y)
     if not (all(t.device.type == "cpu" and t.dtype == grad_y.dtype and t.dim() == 4
@@ -357,8 +360,9 @@ def serves_weight_grad(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_sh
             and idx.device.type == "cpu" and idx.dim() == 1 and 0 < idx.numel() <= groups
             and x_compact.shape[:2] == (grad_y.shape[0], idx.numel())):
         return False
-    return tuple(grad_y.shape[2:]) == tuple(
-        _out_size(s, k, stride[0], padding[0]) for s in x_compact.shape[2:])
+    k, pad, stride = weight_shape[2], _pair(padding)[0], _pair(stride)[0]
+    return tuple(grad_y.shape[2:]) == tuple(_out_size(s, k, stride, pad)
+                                            for s in x_compact.shape[2:])
 
 
 def weight_grad_masked(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_shape,
