@@ -16,6 +16,13 @@ backward-data against the forward conv of dY with the flipped kernel (stride 1) 
 (batch 32, 128x128) and EfficientNet-Lite0 (batch 8, 224x224), forward and dX, the CPU
 path's ATen call (forward: oneDNN's conv; dX: the flipped-kernel forward at stride 1,
 ``convolution_backward`` at stride 2) against ``trady_triton.cpu_depthwise``.
+
+    python bench/cpu_conv_candidates.py --pointwise lite0 --resolution 40 --batch 32
+
+``--pointwise NET``: per 1x1 conv of the net at ``--resolution`` and ``--batch`` (shapes
+collected by running the plain model once), forward, dX and the masked dW (an eighth of the
+input channels), the three forms of ``trady_triton.cpu_pointwise``: ``batched``,
+``flat``, ``aten``; then their totals and the total of the per-shape fastest.
 """
 
 from __future__ import annotations
@@ -121,11 +128,102 @@ def print_depthwise(reps: int, threads: int) -> None:
               f"{ms['numba'] / ms['ATen']:.2f} |", flush=True)
 
 
+NETS = {"mbv2": "mbv2-w0.35", "lite0": "efficientnet-lite0", "mcunet": "mcunet-in1"}
+
+
+def pointwise_shapes(net: str, resolution: int, batch: int) -> list:
+    """(input shape, weight shape) of every 1x1 stride-1 conv of ``net``, in order."""
+    import torch
+    from trady_triton.models import build_model
+    model = build_model(NETS[net], pretrained=False, num_classes=10).eval()
+    shapes = []
+
+    def record(module, inputs, _output):
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.groups == 1:
+            shapes.append((tuple(inputs[0].shape), tuple(module.weight.shape)))
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.randn(batch, 3, resolution, resolution))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def pointwise_form_cases(net: str, resolution: int, batch: int):
+    import torch
+    from trady_triton import cpu_pointwise
+    forms = [name for name in cpu_pointwise.PATHS if name != "timed"]
+
+    def pinned(form, fn):
+        def run():
+            with _pinned_pointwise(form):
+                return fn()
+        return run
+    for x_shape, w_shape in pointwise_shapes(net, resolution, batch):
+        x = torch.randn(x_shape)
+        w = torch.randn(w_shape)
+        gy = torch.randn(x_shape[0], w_shape[0], *x_shape[2:])
+        idx = torch.randperm(x_shape[1])[:max(1, x_shape[1] // 8)].sort().values
+        xc = x[:, idx].contiguous()
+        label = f"[{x_shape[0]},{x_shape[1]},{x_shape[2]},{x_shape[3]}] -> {w_shape[0]}"
+        yield label, "forward", {f: pinned(f, lambda: cpu_pointwise.forward(x, w, None))
+                                 for f in forms}
+        yield label, "dX", {f: pinned(f, lambda: cpu_pointwise.input_grad(x.shape, w, gy))
+                            for f in forms}
+        yield label, "masked dW", {
+            f: pinned(f, lambda: cpu_pointwise.weight_grad_masked(xc, gy, idx, w_shape))
+            for f in forms}
+
+
+class _pinned_pointwise:
+    """``TRADY_CPU_POINTWISE=form`` within the block."""
+
+    def __init__(self, form: str):
+        self.form = form
+
+    def __enter__(self):
+        import os
+        self.previous = os.environ.get("TRADY_CPU_POINTWISE")
+        os.environ["TRADY_CPU_POINTWISE"] = self.form
+
+    def __exit__(self, *exc):
+        import os
+        if self.previous is None:
+            os.environ.pop("TRADY_CPU_POINTWISE", None)
+        else:
+            os.environ["TRADY_CPU_POINTWISE"] = self.previous
+
+
+def print_pointwise(net: str, resolution: int, batch: int, reps: int, threads: int) -> None:
+    forms = ("batched", "flat", "aten")
+    print(f"| {net} {resolution}x{resolution}, batch {batch}, {threads} thread(s): 1x1 conv "
+          f"| op | batched ms | flat ms | aten ms | fastest |")
+    print("|---|---|---|---|---|---|")
+    totals = {op: dict.fromkeys(forms + ("fastest",), 0.0) for op in ("forward", "dX", "masked dW")}
+    for label, op, cands in pointwise_form_cases(net, resolution, batch):
+        ms = time_group(cands, reps)
+        best = min(ms, key=ms.get)
+        for form in forms:
+            totals[op][form] += ms[form]
+        totals[op]["fastest"] += ms[best]
+        print(f"| {label} | {op} | {ms['batched']:.3f} | {ms['flat']:.3f} | "
+              f"{ms['aten']:.3f} | {best} |", flush=True)
+    print()
+    print("| op, summed over the shapes | batched ms | flat ms | aten ms | per-shape fastest ms |")
+    print("|---|---|---|---|---|")
+    for op, row in totals.items():
+        print(f"| {op} | {row['batched']:.1f} | {row['flat']:.1f} | {row['aten']:.1f} | "
+              f"{row['fastest']:.1f} |")
+
+
 def time_group(cands: dict, reps: int) -> dict:
     import torch
     reference = next(iter(cands.values()))()
+    # float32 sums over up to 10^5 products: allow rounding relative to the largest entry
+    atol = max(1e-3, 1e-5 * reference.abs().max().item())
     for name, run in cands.items():
-        torch.testing.assert_close(run(), reference, rtol=1e-4, atol=1e-3, msg=name)
+        torch.testing.assert_close(run(), reference, rtol=1e-4, atol=atol, msg=name)
     times = {name: [] for name in cands}
     for _ in range(reps):
         for name, run in cands.items():
@@ -142,9 +240,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--depthwise", action="store_true",
                    help="per depthwise shape of MbV2 / MCUNet / Lite0: ATen against numba")
+    p.add_argument("--pointwise", choices=sorted(NETS), metavar="NET",
+                   help=f"per 1x1 conv of NET ({', '.join(sorted(NETS))}): the three forms "
+                        "of cpu_pointwise")
+    p.add_argument("--resolution", type=int, default=128,
+                   help="input side for --pointwise (default 128)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
+    if args.pointwise:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _bench_env import ensure_repo_on_path
+        ensure_repo_on_path()
+        print_pointwise(args.pointwise, args.resolution, args.batch, args.reps, args.threads)
+        return 0
     if args.depthwise:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _bench_env import ensure_repo_on_path

@@ -15,9 +15,10 @@ gradient in one pass), whose readable twins are in ``reference.py``. Inputs thes
 do not serve (half precision, non-contiguous tensors, no numba) go to ``reference.py``.
 
 Pointwise (1x1, stride 1, no padding, one group) convolutions, the bulk of a MobileNet's
-FLOPs, run here as one batched GEMM (``W @ x[n]``) in forward, dX and the masked dW:
-on this CPU that is about 2x faster than oneDNN's convolution for these shapes
-(bench/RESULTS.md, issue 11). Depthwise convolutions (forward, dX, masked dW) run by the loops
+FLOPs, run in forward, dX and the masked dW by the fastest for their shape of a batched
+GEMM ``W @ x[n]``, one GEMM over the batch-flattened planes and oneDNN's conv
+(``cpu_pointwise.py``; the first is about 2x faster than oneDNN on large planes, the
+others win on planes of 5x5 and below). Depthwise convolutions (forward, dX, masked dW) run by the loops
 of ``cpu_depthwise.py`` or by ATen, whichever was faster when first timed for the shape.
 Other convolutions are ATen's.
 """
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_depthwise, reference
+from . import cpu_depthwise, cpu_pointwise, reference
 from .numba_builds import compiled_builds as _compiled, run as _run
 # the ops with no faster CPU loop here are the reference's own
 from .reference import linear_weight_grad_masked, pack_mask, unpack_mask  # noqa: F401
@@ -229,8 +230,9 @@ _POINTWISE_GEMM = [True]   # switched off only by benches comparing with oneDNN'
 
 @contextlib.contextmanager
 def pointwise_gemm(enabled: bool):
-    """Within the block, 1x1 convs run as a GEMM and depthwise convs by the faster of
-    ``cpu_depthwise`` and ATen (``True``, the default), or all as ATen's plain calls."""
+    """Within the block, 1x1 convs run by the fastest form of ``cpu_pointwise`` and
+    depthwise convs by the faster of ``cpu_depthwise`` and ATen (``True``, the default),
+    or all as ATen's plain calls."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled={enabled!r}: allowed values are True or False")
     previous, _POINTWISE_GEMM[0] = _POINTWISE_GEMM[0], enabled
@@ -273,12 +275,6 @@ def _depthwise_stride_1(grad_y: Tensor, weight: Tensor, stride, padding, dilatio
             and grad_y.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
-def _gemm_into(out: Tensor, matrix: Tensor, x: Tensor) -> None:
-    """out[n] = matrix @ x[n] over the flattened planes of NCHW ``x`` and ``out``."""
-    n, _, h, w = x.shape
-    torch.matmul(matrix, x.view(n, x.shape[1], h * w), out=out.view(n, out.shape[1], h * w))
-
-
 def _depthwise_loops(x: Tensor, weight: Tensor, bias, stride, padding, dilation,
                      groups: int) -> bool:
     """Whether ``cpu_depthwise`` is a candidate for this conv (``x``: its input or dY)."""
@@ -288,7 +284,7 @@ def _depthwise_loops(x: Tensor, weight: Tensor, bias, stride, padding, dilation,
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
            groups: int) -> Tensor:
-    """``F.conv2d``; a 1x1 conv as ``W @ x[n]`` (one batched GEMM, bias added in place); a
+    """``F.conv2d``; a 1x1 conv by the fastest form for its shape (``cpu_pointwise``); a
     depthwise conv by the faster of ``cpu_depthwise.forward`` and ATen for its shape."""
     if _depthwise_loops(x, weight, bias, stride, padding, dilation, groups):
         return cpu_depthwise.fastest(
@@ -297,13 +293,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
             lambda: F.conv2d(x, weight, bias, stride, padding, dilation, groups))
     if not _pointwise(x, weight, stride, padding, groups):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    n, c_in, h, w = x.shape
-    c_out = weight.shape[0]
-    y = x.new_empty((n, c_out, h, w))   # written through a view: the output itself is no view
-    _gemm_into(y, weight.view(c_out, c_in), x)
-    if bias is not None:
-        y += bias.to(y.dtype).view(1, -1, 1, 1)
-    return y
+    return cpu_pointwise.forward(x, weight, bias)
 
 
 def _flipped_kernel_forward(weight: Tensor, grad_y: Tensor, padding, groups: int) -> Tensor:
@@ -325,7 +315,8 @@ def _aten_depthwise_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, 
 
 def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, dilation,
                       groups: int) -> Tensor:
-    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's as ``W^T @ dY[n]``; a
+    """As :func:`reference.conv2d_input_grad`; a 1x1 conv's (``W^T @ dY``) by
+    ``cpu_pointwise``; a
     depthwise conv's by the faster of ``cpu_depthwise.input_grad`` and ATen's own (at
     stride 1 the forward conv of dY with the flipped kernel)."""
     if _depthwise_loops(grad_y, weight, None, stride, padding, dilation, groups):
@@ -339,15 +330,13 @@ def conv2d_input_grad(x_shape, weight: Tensor, grad_y: Tensor, stride, padding, 
     if not _pointwise(grad_y, weight, stride, padding, groups):
         return reference.conv2d_input_grad(x_shape, weight, grad_y, stride, padding, dilation,
                                            groups)
-    grad_x = grad_y.new_empty(x_shape)
-    _gemm_into(grad_x, weight.view(grad_y.shape[1], -1).t(), grad_y)
-    return grad_x
+    return cpu_pointwise.input_grad(x_shape, weight, grad_y)
 
 
 def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tensor,
                               weight_shape, stride, padding, dilation, groups: int) -> Tensor:
-    """As :func:`reference.conv2d_weight_grad_masked`; a 1x1 conv's as
-    ``sum_n dY[n] @ x_compact[n]^T`` (one batched GEMM and a sum over the batch); a
+    """As :func:`reference.conv2d_weight_grad_masked`; a 1x1 conv's
+    (``sum_n dY[n] @ x_compact[n]^T``) by ``cpu_pointwise``; a
     depthwise conv's by the faster of ``cpu_depthwise.weight_grad_masked`` and the
     reference (ATen's grouped weight gradient, ~0.4 ms a call even for a few channels)."""
     if _POINTWISE_GEMM[0] and cpu_depthwise.serves_weight_grad(
@@ -363,10 +352,4 @@ def conv2d_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx: Tenso
             and _gemm_ready(grad_output, x_compact)):
         return reference.conv2d_weight_grad_masked(x_compact, grad_output, idx, weight_shape,
                                                    stride, padding, dilation, groups)
-    n, c_out, h, w = grad_output.shape
-    # the channel count spelled out: an empty batch cannot infer it from -1
-    x_planes = x_compact.view(n, x_compact.shape[1], h * w)
-    partial = torch.matmul(grad_output.view(n, c_out, h * w), x_planes.transpose(1, 2)).sum(dim=0)
-    grad_weight = grad_output.new_zeros(weight_shape)
-    grad_weight.view(c_out, -1).index_copy_(1, idx.long(), partial)   # idx: distinct channels
-    return grad_weight
+    return cpu_pointwise.weight_grad_masked(x_compact, grad_output, idx, weight_shape)
