@@ -50,3 +50,19 @@ def test_resumed_schedule_equals_the_uninterrupted_one(tmp_path, old_checkpoint)
     assert straight["epochs"][1]["lr_start"] == pytest.approx(0.04)          # its peak
     assert [e["train_loss"] for e in resumed["epochs"]] == \
         pytest.approx([e["train_loss"] for e in straight["epochs"]], rel=1e-4, abs=1e-6)
+
+
+def test_evaluation_runs_in_training_sized_batches(tmp_path, monkeypatch):
+    """Evaluating in bigger batches would raise the run's peak above training's and meet
+    conv shapes whose fastest CPU form is not timed yet."""
+    sizes = []
+    real_evaluate = T.evaluate
+
+    def recording_evaluate(model, images, labels, batch_size=256, desc="evaluate"):
+        sizes.append(batch_size)
+        return real_evaluate(model, images, labels, batch_size=batch_size, desc=desc)
+    monkeypatch.setattr(T, "evaluate", recording_evaluate)
+    record = T.finetune(T.RunConfig(**{**TINY, "epochs": 1, "warmup_epochs": 0}),
+                        tmp_path / "run")
+    assert sizes == [TINY["batch_size"]]
+    assert 0.0 <= record["epochs"][0]["eval_accuracy"] <= 1.0
