@@ -28,9 +28,11 @@ input channels), the three forms of ``trady_triton.cpu_pointwise``: ``batched``,
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from unittest import mock
 from pathlib import Path
 
 POINTWISE = [(8, 48, 64), (48, 8, 32), (8, 48, 32), (16, 96, 16), (96, 16, 16), (24, 144, 8),
@@ -150,14 +152,19 @@ def pointwise_shapes(net: str, resolution: int, batch: int) -> list:
     return shapes
 
 
+def pointwise_forms() -> tuple:
+    from trady_triton import cpu_pointwise
+    return tuple(name for name in cpu_pointwise.PATHS if name != "timed")
+
+
 def pointwise_form_cases(net: str, resolution: int, batch: int):
     import torch
     from trady_triton import cpu_pointwise
-    forms = [name for name in cpu_pointwise.PATHS if name != "timed"]
+    forms = pointwise_forms()
 
     def pinned(form, fn):
         def run():
-            with _pinned_pointwise(form):
+            with mock.patch.dict(os.environ, {"TRADY_CPU_POINTWISE": form}):
                 return fn()
         return run
     for x_shape, w_shape in pointwise_shapes(net, resolution, batch):
@@ -176,27 +183,8 @@ def pointwise_form_cases(net: str, resolution: int, batch: int):
             for f in forms}
 
 
-class _pinned_pointwise:
-    """``TRADY_CPU_POINTWISE=form`` within the block."""
-
-    def __init__(self, form: str):
-        self.form = form
-
-    def __enter__(self):
-        import os
-        self.previous = os.environ.get("TRADY_CPU_POINTWISE")
-        os.environ["TRADY_CPU_POINTWISE"] = self.form
-
-    def __exit__(self, *exc):
-        import os
-        if self.previous is None:
-            os.environ.pop("TRADY_CPU_POINTWISE", None)
-        else:
-            os.environ["TRADY_CPU_POINTWISE"] = self.previous
-
-
 def print_pointwise(net: str, resolution: int, batch: int, reps: int, threads: int) -> None:
-    forms = ("batched", "flat", "aten")
+    forms = pointwise_forms()
     print(f"| {net} {resolution}x{resolution}, batch {batch}, {threads} thread(s): 1x1 conv "
           f"| op | batched ms | flat ms | aten ms | fastest |")
     print("|---|---|---|---|---|---|")

@@ -28,16 +28,13 @@ winner. ``TRADY_CPU_DEPTHWISE`` pins it: ``timed`` (default), ``numba`` or ``ate
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .fastest import PathChooser
+from .fastest import PathChooser, wall_time_ms
 from .numba_builds import compiled_builds, run, thread_count
 
 try:
@@ -379,26 +376,7 @@ def weight_grad_masked(x_compact: Tensor, grad_y: Tensor, idx: Tensor, weight_sh
     return grad_weight
 
 
-def wall_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
-    """Median wall time of ``fn`` in ms, after one untimed call (numba's first call loads
-    the compiled loop)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 CHOOSER = PathChooser(timer=wall_time_ms)
-
-
-def _path_setting() -> str:
-    path = os.environ.get("TRADY_CPU_DEPTHWISE", "timed")
-    if path not in PATHS:
-        raise ValueError(f"TRADY_CPU_DEPTHWISE={path!r}: allowed values are {PATHS}")
-    return path
 
 
 def fastest(op: str, x: Tensor, weight: Tensor, stride: int, numba_path: Callable[[], Tensor],
@@ -406,9 +384,6 @@ def fastest(op: str, x: Tensor, weight: Tensor, stride: int, numba_path: Callabl
     """The result of the faster path for this (op, shape of ``x``, shape of ``weight`` (the
     kernel; dY for a weight gradient), stride, dtype, thread count): timed once, then looked
     up (or pinned by ``TRADY_CPU_DEPTHWISE``)."""
-    pinned = _path_setting()
-    candidates = {"numba": numba_path, "aten": aten_path}
-    if pinned != "timed":
-        return candidates[pinned]()
     key = (op, tuple(x.shape), tuple(weight.shape), stride, x.dtype, torch.get_num_threads())
-    return candidates[chooser.choose(key, candidates)]()
+    return chooser.run(key, {"numba": numba_path, "aten": aten_path},
+                       "TRADY_CPU_DEPTHWISE", PATHS)

@@ -12,14 +12,13 @@ over the channel axis. Three ways to compute it, none best everywhere (bench/RES
   planes (EfficientNet-Lite0 at 40x40: 2x2-5x5 planes).
 * ``aten``: ATen's own conv (oneDNN), and for the gradients ATen's backward.
 
-:func:`run` times the candidates once per (op, shapes, dtype, thread count) with the wall
+Each op times the candidates once per (op, shapes, dtype, thread count) with the wall
 clock and keeps the fastest, like ``cpu_depthwise.fastest``. ``TRADY_CPU_POINTWISE`` pins
 the choice: ``timed`` (default), ``batched``, ``flat`` or ``aten``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -27,34 +26,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from .fastest import PathChooser
+from .fastest import PathChooser, wall_time_ms
 
 PATHS = ("timed", "batched", "flat", "aten")
 
 __all__ = ["forward", "input_grad", "weight_grad_masked", "CHOOSER", "PATHS"]
 
 
-def _path_setting() -> str:
-    path = os.environ.get("TRADY_CPU_POINTWISE", "timed")
-    if path not in PATHS:
-        raise ValueError(f"TRADY_CPU_POINTWISE={path!r}: allowed values are {PATHS}")
-    return path
-
-
-def _wall_time_ms(fn: Callable[[], object]) -> float:
-    from .cpu_depthwise import wall_time_ms   # one timer for both CPU choosers
-    return wall_time_ms(fn)
-
-
-CHOOSER = PathChooser(timer=_wall_time_ms)
+CHOOSER = PathChooser(timer=wall_time_ms)
 
 
 def _run(key: tuple, candidates: dict[str, Callable[[], Tensor]],
          chooser: PathChooser) -> Tensor:
-    pinned = _path_setting()
-    if pinned != "timed":
-        return candidates[pinned]()
-    return candidates[chooser.choose(key + (torch.get_num_threads(),), candidates)]()
+    return chooser.run(key + (torch.get_num_threads(),), candidates, "TRADY_CPU_POINTWISE",
+                       PATHS)
 
 
 # ------------------------------------------------------------------ the matrix forms
@@ -68,8 +53,8 @@ def _batched_product(matrix: Tensor, x: Tensor) -> Tensor:
 
 def _flat_product(matrix: Tensor, x: Tensor) -> Tensor:
     """``matrix @ [C, N*H*W]`` in one GEMM, its result copied back to NCHW."""
-    n, c, h, w = x.shape
-    product = matrix @ x.transpose(0, 1).reshape(c, n * h * w)   # [C_out, N*H*W]
+    n, _, h, w = x.shape
+    product = matrix @ _flat_planes(x)                           # [C_out, N*H*W]
     # copied into a new tensor, not .contiguous(): at N == 1 that would return a view
     out = x.new_empty((n, matrix.shape[0], h, w))
     return out.copy_(product.view(matrix.shape[0], n, h, w).transpose(0, 1))

@@ -17,6 +17,8 @@ warm up before capturing a CUDA graph; later steps only look the choice up.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -25,10 +27,12 @@ from torch import Tensor
 PATHS = ("timed", "triton", "vendor")
 
 
-def _path_setting() -> str:
-    path = os.environ.get("TRADY_WGRAD_PATH", "timed")
-    if path not in PATHS:
-        raise ValueError(f"TRADY_WGRAD_PATH={path!r}: allowed values are {PATHS}")
+def path_setting(variable: str, paths: tuple[str, ...]) -> str:
+    """The path the environment variable ``variable`` pins (``"timed"``, its default:
+    none); any value outside ``paths`` is an error naming the variable."""
+    path = os.environ.get(variable, "timed")
+    if path not in paths:
+        raise ValueError(f"{variable}={path!r}: allowed values are {paths}")
     return path
 
 
@@ -49,6 +53,18 @@ def vendor_linear_weight_grad_masked(x_compact: Tensor, grad_output: Tensor, idx
     partial = dy.t() @ x_compact.reshape(-1, idx.numel())
     grad = grad_output.new_zeros((grad_output.shape[-1], in_features))
     return grad.index_copy_(1, idx.long(), partial.to(grad.dtype))
+
+
+def wall_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median wall time of ``fn`` in ms, after one untimed call (numba's first call loads
+    the compiled loop, oneDNN's builds its primitive): the timer of the CPU choosers."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def cuda_time_ms(fn: Callable[[], object]) -> float:
@@ -72,9 +88,11 @@ class PathChooser:
             self.choices[key] = min(times, key=times.get)
         return self.choices[key]
 
-    def run(self, key: tuple, candidates: dict[str, Callable[[], Tensor]]) -> Tensor:
-        """The cached winner's result (the pinned path when TRADY_WGRAD_PATH says so)."""
-        pinned = _path_setting()
+    def run(self, key: tuple, candidates: dict[str, Callable[[], Tensor]],
+            variable: str = "TRADY_WGRAD_PATH", paths: tuple[str, ...] = PATHS) -> Tensor:
+        """The result of the path the environment variable ``variable`` pins, else of the
+        cached winner for ``key`` (timed at its first call)."""
+        pinned = path_setting(variable, paths)
         name = pinned if pinned != "timed" else self.choose(key, candidates)
         return candidates[name]()
 
