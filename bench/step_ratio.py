@@ -40,11 +40,16 @@ def _status_kib(field: str) -> int:
 
 
 def peak_above_idle(run) -> int:
-    """Bytes the high-water mark of ``run()`` lies above the resident size before it."""
+    """Bytes the high-water mark of ``run()`` lies above the resident size before it.
+
+    Linux keeps RSS counts per thread and folds them in lazily, so two reads can disagree by
+    a few pages: a run that allocates nothing can read as 0.1 MiB *below* idle. Such a
+    reading is no peak at all, so it is reported as 0.
+    """
     Path("/proc/self/clear_refs").write_text("5")     # resets VmHWM to the current VmRSS
     idle = _status_kib("VmRSS")
     run()
-    return (_status_kib("VmHWM") - idle) * 1024
+    return max(0, _status_kib("VmHWM") - idle) * 1024
 
 
 def build_rows(args) -> dict:

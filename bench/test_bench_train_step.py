@@ -313,6 +313,18 @@ def test_steady_peak_sees_what_a_run_allocates():
     assert 47 * 2**20 <= int(peak) <= 56 * 2**20, int(peak) / 2**20
 
 
+def test_a_peak_read_below_idle_is_reported_as_zero(monkeypatch):
+    """The kernel's lazily folded per-thread RSS counts can put the high-water mark a few
+    pages under the idle reading; that is no peak, and must not print as -0.1 MiB."""
+    import step_ratio
+
+    readings = iter([1000, 990])                    # VmRSS before the run, VmHWM after it
+    monkeypatch.setattr(step_ratio, "_status_kib", lambda field: next(readings))
+    assert step_ratio.peak_above_idle(lambda: None) == 0
+    readings = iter([1000, 1003])
+    assert step_ratio.peak_above_idle(lambda: None) == 3 * 1024
+
+
 @pytest.mark.slow
 def test_train_step_table_end_to_end_on_a_tiny_model(tmp_path):
     """The whole script (two child processes, JSON, markdown, re-rendering) on tiny."""
