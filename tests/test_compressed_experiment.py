@@ -180,6 +180,31 @@ def test_a_diverged_ranking_is_refused_naming_the_rate(tmp_path, monkeypatch):
     assert not (tmp_path / "rankings").exists() or not any((tmp_path / "rankings").iterdir())
 
 
+def test_a_cached_ranking_is_reused_only_on_the_same_ranking_batches(tmp_path, monkeypatch):
+    """Same plan, other images (or labels): the ranking is computed again, not read from the
+    cache of the first images; the same images read it back without ranking."""
+    from trady_triton import ranking as ranking_module
+
+    calls = []
+
+    def counting_ranking(model, batches, steps, lr, arch):
+        calls.append(float(batches[0][0].sum()))
+        return ranking_module.LayerRanking(arch, {"a": float(len(calls)), "b": 1.0}, steps)
+    monkeypatch.setattr(ranking_module, "rank_layers", counting_ranking)
+    net, plan = ce.build_net(MBV3), ce.Plan(rank_steps=2, batch=3)
+    x, y = torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,))
+    first = ce.layer_ranking(MBV3, net, plan, (x, y), tmp_path)
+    again = ce.layer_ranking(MBV3, net, plan, (x.clone(), y.clone()), tmp_path)
+    assert len(calls) == 1 and again.scores == first.scores
+    other_images = ce.layer_ranking(MBV3, net, plan, (x + 1, y), tmp_path)
+    other_labels = ce.layer_ranking(MBV3, net, plan, (x, (y + 1) % 10), tmp_path)
+    assert len(calls) == 3 and other_images.scores["a"] == 2.0 and other_labels.scores["a"] == 3.0
+    beyond = x.clone()
+    beyond[6] += 1                                   # image 7 lies past rank_steps * batch = 6
+    assert ce.layer_ranking(MBV3, net, plan, (beyond, y), tmp_path).scores == first.scores
+    assert len(calls) == 3 and len(list((tmp_path / "rankings").iterdir())) == 3
+
+
 # ------------------------------------------------------------------------- converged plan
 
 def _candidates(accuracies: dict, diverged=()):

@@ -250,18 +250,36 @@ def with_fresh_classifier(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+def _ranking_batches(train, plan: Plan) -> list:
+    """The first ``rank_steps`` training batches: what the ranking sees, and all it sees."""
+    x, y = train
+    return [(x[i:i + plan.batch], y[i:i + plan.batch])
+            for i in range(0, min(len(x), plan.rank_steps * plan.batch), plan.batch)]
+
+
+def _batches_digest(batches: list) -> str:
+    """A short hash of the images and labels (and their batching): a cached ranking is only
+    reused on the very batches it was computed from."""
+    digest = hashlib.sha1()
+    for x, y in batches:
+        for t in (x, y):
+            t = t.detach().cpu().contiguous()
+            digest.update(repr((tuple(t.shape), t.dtype)).encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:10]
+
+
 def layer_ranking(name: str, model: nn.Module, plan: Plan, train, cache: Path):
     """RGN ranking of the pretrained net on the fine-tuning data (cached JSON)."""
     from .ranking import LayerRanking, rank_layers
 
+    batches = _ranking_batches(train, plan)
     path = Path(cache) / "rankings" / f"{plan.pretrain_key(name)}_{plan.finetune_data}_" \
-                                      f"{plan.rank_steps}_lr{plan.rank_lr:g}.json"
+                                      f"{plan.rank_steps}_lr{plan.rank_lr:g}_" \
+                                      f"{_batches_digest(batches)}.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return LayerRanking(data["arch"], data["scores"], data["steps"], data.get("meta", {}))
-    x, y = train
-    batches = [(x[i:i + plan.batch], y[i:i + plan.batch])
-               for i in range(0, min(len(x), plan.rank_steps * plan.batch), plan.batch)]
     ranking = rank_layers(with_fresh_classifier(model, 0), batches, plan.rank_steps,
                           lr=plan.rank_lr, arch=name)
     if not all(math.isfinite(v) for v in ranking.scores.values()):
