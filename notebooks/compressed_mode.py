@@ -151,16 +151,15 @@ def plot_accuracies(ax, summary: dict, net: str, title: str) -> None:
 
 
 if summaries:
-    panels = [(plan, summary, net) for plan, summary in summaries.items()
-              for net in dict.fromkeys(r["net"] for r in summary["rows"])]
-    columns = max(sum(p == plan for p, _, _ in panels) for plan in summaries)
+    nets = {plan: list(dict.fromkeys(r["net"] for r in summary["rows"]))
+            for plan, summary in summaries.items()}
+    columns = max(len(names) for names in nets.values())
     fig, axes = plt.subplots(len(summaries), columns, figsize=(5 * columns, 3.2 * len(summaries)),
                              squeeze=False)
-    for row_axes, plan in zip(axes, summaries):
-        plan_panels = [(s, net) for p, s, net in panels if p == plan]
-        for ax, (summary, net) in zip(row_axes, plan_panels):
+    for row_axes, (plan, summary) in zip(axes, summaries.items()):
+        for ax, net in zip(row_axes, nets[plan]):
             plot_accuracies(ax, summary, net, f"{net}, {plan}")
-        for ax in row_axes[len(plan_panels):]:
+        for ax in row_axes[len(nets[plan]):]:
             ax.axis("off")
     fig.tight_layout()
     plt.show()

@@ -188,7 +188,7 @@ def test_a_cached_ranking_is_reused_only_on_the_same_ranking_batches(tmp_path, m
     calls = []
 
     def counting_ranking(model, batches, steps, lr, arch):
-        calls.append(float(batches[0][0].sum()))
+        calls.append(batches)
         return ranking_module.LayerRanking(arch, {"a": float(len(calls)), "b": 1.0}, steps)
     monkeypatch.setattr(ranking_module, "rank_layers", counting_ranking)
     net, plan = ce.build_net(MBV3), ce.Plan(rank_steps=2, batch=3)
